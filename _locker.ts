@@ -1,0 +1,462 @@
+// The one Locker implementation that every backend shares. It owns what is
+// the same everywhere (argument checks, the in-process FIFO per key, timeouts
+// and cancellation, the held-lease table behind unlock(), withLock, close) and
+// asks a backend's Driver only to acquire and release on the server.
+
+import { LockClosedError, LockNotHeldError, LockTimeoutError } from "./errors.ts";
+import { describe, MAX_DELAY, validateKey } from "./_options.ts";
+
+/** Options of one `lock()` or `tryLock()` call. */
+export interface LockOptions {
+  /** Gives up when aborted: the call rejects with `signal.reason`. */
+  signal?: AbortSignal;
+  /**
+   * Gives up after this many milliseconds, rejecting with a
+   * `LockTimeoutError`. Shorthand for a timeout signal.
+   */
+  timeout?: number;
+}
+
+/**
+ * A held lock. Release it with `release()`, or hold it with `await using`.
+ *
+ * @example Hold a lock for a block
+ * ```ts
+ * import { New } from "@genesis/lock";
+ *
+ * const locker = New({ backend: "memory" });
+ * {
+ *   await using lease = await locker.lock("/jobs/a");
+ *   console.log(lease.key, lease.token);
+ * } // released here
+ * await locker.close();
+ * ```
+ */
+export interface Lease extends AsyncDisposable {
+  /** The key this lease holds. */
+  readonly key: string;
+  /**
+   * The fencing token: strictly greater than the token of every earlier
+   * holder of this key. Storage that records the highest token it has seen
+   * can reject a stale holder's writes.
+   */
+  readonly token: bigint;
+  /**
+   * Aborts, with a `LockLostError` as its reason, as soon as the lock is
+   * lost (expired, or deleted behind this holder's back). Not aborted by a
+   * normal release.
+   */
+  readonly signal: AbortSignal;
+  /**
+   * Releases the lock if it is still this lease's (a fenced release).
+   * Idempotent: later calls return the first call's promise.
+   */
+  release(): Promise<void>;
+}
+
+/**
+ * A distributed lock client: mutual exclusion per key across every process
+ * and every locker sharing the backend.
+ *
+ * @example Take a lock, do the work, let it go
+ * ```ts
+ * import { New } from "@genesis/lock";
+ *
+ * const locker = New({ backend: "memory" });
+ * const total = await locker.withLock("/counters/a", () => 1 + 1);
+ * console.log(total); // 2
+ * await locker.close();
+ * ```
+ */
+export interface Locker extends AsyncDisposable {
+  /**
+   * Waits until the lock on `key` is acquired. Waiters are served first come,
+   * first served within this locker (and across processes on etcd).
+   *
+   * @param key The lock's name: a non-empty string of at most 1024 UTF-8 bytes.
+   * @param options A signal and/or timeout to give up.
+   * @returns The held lease.
+   * @throws {TypeError} A key or option of the wrong type.
+   * @throws {RangeError} An empty or too long key, or a bad timeout.
+   * @throws {LockTimeoutError} The `timeout` ran out; nothing is left behind.
+   * @throws {LockClosedError} The locker is or was closed while waiting.
+   */
+  lock(key: string, options?: LockOptions): Promise<Lease>;
+  /**
+   * Makes exactly one attempt to acquire `key` and never waits for a holder.
+   *
+   * @param key The lock's name.
+   * @param options A signal and/or timeout for the one round trip.
+   * @returns The lease, or `undefined` if the lock is held elsewhere
+   * (including by another call on this locker).
+   */
+  tryLock(key: string, options?: LockOptions): Promise<Lease | undefined>;
+  /**
+   * Releases the lease this locker holds on `key`. Never touches a lock that
+   * someone else holds.
+   *
+   * @param key The lock's name.
+   * @throws {LockNotHeldError} This locker holds no lock on `key`.
+   */
+  unlock(key: string): Promise<void>;
+  /**
+   * Runs `fn` while holding the lock on `key`, then releases it.
+   *
+   * @param key The lock's name.
+   * @param fn The work; its lease is passed in, so it can watch `lease.signal`.
+   * @param options A signal and/or timeout for acquiring.
+   * @returns What `fn` returned.
+   * @throws {LockLostError} The lock was lost before `fn` finished.
+   */
+  withLock<T>(
+    key: string,
+    fn: (lease: Lease) => T | Promise<T>,
+    options?: LockOptions,
+  ): Promise<T>;
+  /**
+   * Releases every lease this locker holds, rejects its pending waits with a
+   * `LockClosedError`, stops its timers and drops its client reference (the
+   * last locker on a client closes it). Idempotent.
+   */
+  close(): Promise<void>;
+}
+
+/** A lock held on the server, as a backend reports it. */
+export interface Grant {
+  /** The fencing token. */
+  readonly token: bigint;
+  /** Aborts with a `LockLostError` when the backend decides the lock is lost. */
+  readonly signal: AbortSignal;
+  /** Fenced release on the server. */
+  release(): Promise<void>;
+}
+
+/** What a backend implements; the shared locker does the rest. */
+export interface Driver {
+  /**
+   * Acquires `key` on the server. With `wait`, waits until acquired;
+   * without, makes one attempt and resolves `undefined` if it is held.
+   * When `signal` aborts, rejects with its reason and leaves nothing behind.
+   * Only one call per key is in flight at a time.
+   */
+  acquire(key: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined>;
+  /** Stops timers and gives back the client. Called once, after every release. */
+  close(): Promise<void>;
+}
+
+/** Resolves what `promise` resolves, or rejects with `signal.reason` first. */
+export function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+/** Waits `ms`, or rejects with `signal.reason` when it aborts first. */
+export function delay(ms: number, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise((resolve, reject) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** One call's signal: the caller's signal, its timeout and the locker's close, in one. */
+class CallSignal {
+  readonly #controller = new AbortController();
+  readonly #cleanup: (() => void)[] = [];
+
+  constructor(key: string, options: LockOptions | undefined, closing: AbortSignal) {
+    const { signal, timeout } = checkLockOptions(options);
+    const abort = (reason: unknown) => this.#controller.abort(reason);
+    this.#follow(
+      closing,
+      () => abort(new LockClosedError(`Cannot acquire lock ${JSON.stringify(key)}`)),
+    );
+    if (signal) this.#follow(signal, () => abort(signal.reason));
+    if (timeout !== undefined && !this.signal.aborted) {
+      const timer = setTimeout(() => abort(new LockTimeoutError(key, timeout)), timeout);
+      this.#cleanup.push(() => clearTimeout(timer));
+    }
+  }
+
+  get signal(): AbortSignal {
+    return this.#controller.signal;
+  }
+
+  #follow(source: AbortSignal, onAbort: () => void) {
+    if (source.aborted) return onAbort();
+    source.addEventListener("abort", onAbort, { once: true });
+    this.#cleanup.push(() => source.removeEventListener("abort", onAbort));
+  }
+
+  dispose() {
+    for (const undo of this.#cleanup) undo();
+  }
+}
+
+function checkLockOptions(options: LockOptions | undefined): LockOptions {
+  if (options === undefined) return {};
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(`Invalid lock options: expected an object, received ${describe(options)}`);
+  }
+  const { signal, timeout } = options;
+  if (signal !== undefined && !(signal instanceof AbortSignal)) {
+    throw new TypeError(
+      `Invalid option "signal": expected an AbortSignal, received ${describe(signal)}`,
+    );
+  }
+  if (timeout !== undefined) {
+    if (typeof timeout !== "number") {
+      throw new TypeError(
+        `Invalid option "timeout": expected a number of milliseconds, received ${
+          describe(timeout)
+        }`,
+      );
+    }
+    if (!Number.isInteger(timeout) || timeout < 0 || timeout > MAX_DELAY) {
+      throw new RangeError(
+        `Invalid option "timeout": expected a whole number of milliseconds from 0 to ${MAX_DELAY}, received ${timeout}`,
+      );
+    }
+  }
+  return { signal, timeout };
+}
+
+interface Waiter {
+  resolve(): void;
+  reject(reason: unknown): void;
+  signal: AbortSignal;
+  onAbort(): void;
+}
+
+/** The in-process FIFO: at most one call per key goes to the server at a time. */
+class KeyQueue {
+  // A key is present while some call owns it; its array holds the calls waiting behind.
+  readonly #keys = new Map<string, Waiter[]>();
+
+  tryEnter(key: string): boolean {
+    if (this.#keys.has(key)) return false;
+    this.#keys.set(key, []);
+    return true;
+  }
+
+  enter(key: string, signal: AbortSignal): Promise<void> {
+    if (signal.aborted) return Promise.reject(signal.reason);
+    if (this.tryEnter(key)) return Promise.resolve();
+    const waiters = this.#keys.get(key)!;
+    return new Promise((resolve, reject) => {
+      const waiter: Waiter = {
+        resolve,
+        reject,
+        signal,
+        onAbort: () => {
+          waiters.splice(waiters.indexOf(waiter), 1);
+          reject(signal.reason);
+        },
+      };
+      signal.addEventListener("abort", waiter.onAbort, { once: true });
+      waiters.push(waiter);
+    });
+  }
+
+  leave(key: string) {
+    const waiters = this.#keys.get(key);
+    const next = waiters?.shift();
+    if (next === undefined) {
+      this.#keys.delete(key);
+      return;
+    }
+    next.signal.removeEventListener("abort", next.onAbort);
+    next.resolve();
+  }
+}
+
+class HeldLease implements Lease {
+  readonly key: string;
+  readonly token: bigint;
+  readonly signal: AbortSignal;
+  readonly #grant: Grant;
+  #ended = false;
+  readonly #onEnd: () => void;
+  #released?: Promise<void>;
+
+  constructor(key: string, grant: Grant, onEnd: () => void) {
+    this.key = key;
+    this.token = grant.token;
+    this.signal = grant.signal;
+    this.#grant = grant;
+    this.#onEnd = onEnd;
+    // A lost lease stops counting as held at once, so unlock() and the next
+    // in-process waiter do not wait for the holder to notice.
+    if (grant.signal.aborted) this.#end();
+    else grant.signal.addEventListener("abort", () => this.#end(), { once: true });
+  }
+
+  #end() {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#onEnd();
+  }
+
+  release(): Promise<void> {
+    return this.#released ??= (async () => {
+      try {
+        if (!this.signal.aborted) await this.#grant.release();
+      } finally {
+        // Only now may the next in-process waiter go to the server: on etcd it
+        // would otherwise find this lease's key still in place.
+        this.#end();
+      }
+    })();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.release();
+  }
+}
+
+/** The shared implementation of {@linkcode Locker} over a backend's {@linkcode Driver}. */
+export class DriverLocker implements Locker {
+  readonly #connect: (owner: object) => Promise<Driver>;
+  #driver?: Promise<Driver>;
+  readonly #queue = new KeyQueue();
+  readonly #held = new Map<string, HeldLease>();
+  readonly #closing = new AbortController();
+  readonly #pending = new Set<Promise<unknown>>();
+  #closed?: Promise<void>;
+
+  /**
+   * @param connect Makes the driver, on first use. A rejection is not cached:
+   * the next call tries again.
+   */
+  constructor(connect: (owner: object) => Promise<Driver>) {
+    this.#connect = connect;
+  }
+
+  #getDriver(): Promise<Driver> {
+    if (this.#driver === undefined) {
+      const pending = this.#connect(this);
+      this.#driver = pending;
+      pending.catch(() => {
+        if (this.#driver === pending) this.#driver = undefined;
+      });
+    }
+    return this.#driver;
+  }
+
+  lock(key: string, options?: LockOptions): Promise<Lease> {
+    return this.#track(this.#acquire(key, options, true)) as Promise<Lease>;
+  }
+
+  tryLock(key: string, options?: LockOptions): Promise<Lease | undefined> {
+    return this.#track(this.#acquire(key, options, false));
+  }
+
+  /** Counts a call as in flight, so close() can wait for it to clean up. */
+  #track<T>(call: Promise<T>): Promise<T> {
+    const settled = call.catch(() => {});
+    this.#pending.add(settled);
+    settled.then(() => this.#pending.delete(settled));
+    return call;
+  }
+
+  async #acquire(
+    key: string,
+    options: LockOptions | undefined,
+    wait: boolean,
+  ): Promise<Lease | undefined> {
+    key = validateKey(key);
+    const call = new CallSignal(key, options, this.#closing.signal);
+    try {
+      return await this.#acquireWith(key, call.signal, wait);
+    } finally {
+      call.dispose();
+    }
+  }
+
+  async #acquireWith(key: string, signal: AbortSignal, wait: boolean): Promise<Lease | undefined> {
+    if (wait) await this.#queue.enter(key, signal);
+    else if (signal.aborted) throw signal.reason;
+    else if (!this.#queue.tryEnter(key)) return undefined;
+    let grant: Grant | undefined;
+    try {
+      const driver = await abortable(this.#getDriver(), signal);
+      grant = await driver.acquire(key, wait, signal);
+    } catch (error) {
+      this.#queue.leave(key);
+      throw error;
+    }
+    if (grant === undefined) {
+      this.#queue.leave(key);
+      return undefined;
+    }
+    const lease = new HeldLease(key, grant, () => {
+      if (this.#held.get(key) === lease) this.#held.delete(key);
+      this.#queue.leave(key);
+    });
+    if (!lease.signal.aborted) this.#held.set(key, lease);
+    if (this.#closed !== undefined) {
+      // close() ran while the server granted it: give it straight back.
+      await lease.release();
+      throw new LockClosedError(`Cannot acquire lock ${JSON.stringify(key)}`);
+    }
+    return lease;
+  }
+
+  async unlock(key: string): Promise<void> {
+    key = validateKey(key);
+    if (this.#closed !== undefined) {
+      throw new LockClosedError(`Cannot unlock ${JSON.stringify(key)}`);
+    }
+    const lease = this.#held.get(key);
+    if (lease === undefined) throw new LockNotHeldError(key);
+    await lease.release();
+  }
+
+  async withLock<T>(
+    key: string,
+    fn: (lease: Lease) => T | Promise<T>,
+    options?: LockOptions,
+  ): Promise<T> {
+    if (typeof fn !== "function") {
+      throw new TypeError(`Invalid argument "fn": expected a function, received ${describe(fn)}`);
+    }
+    const lease = await this.lock(key, options);
+    try {
+      const result = await fn(lease);
+      // The work finished without the lock: its result must not pass for a locked one.
+      lease.signal.throwIfAborted();
+      return result;
+    } finally {
+      await lease.release();
+    }
+  }
+
+  close(): Promise<void> {
+    return this.#closed ??= (async () => {
+      this.#closing.abort();
+      // Aborted calls clean up on the server first (etcd deletes its waiter key).
+      await Promise.all(this.#pending);
+      const releases = [...this.#held.values()].map((lease) => lease.release());
+      const results = await Promise.allSettled(releases);
+      const driver = await this.#driver?.catch(() => undefined);
+      await driver?.close();
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+      if (failed) throw failed.reason;
+    })();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}

@@ -1,0 +1,45 @@
+// Helpers shared by the test files. Test-only code: it may use runtime APIs.
+
+/** A random key prefix, so tests can run in parallel and in any order. */
+export function prefix(label = "t"): string {
+  return `/test/${label}/${crypto.randomUUID().slice(0, 8)}`;
+}
+
+/** Resolves after `ms` milliseconds. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Whether `promise` is still pending after the current macrotask turn(s). */
+export async function isPending(promise: Promise<unknown>, turns = 3): Promise<boolean> {
+  let settled = false;
+  promise.then(() => settled = true, () => settled = true);
+  for (let i = 0; i < turns; i++) await sleep(0);
+  return !settled;
+}
+
+/** Waits until `condition()` holds, polling every 10 ms; fails after `ms`. */
+export async function until(
+  condition: () => boolean | Promise<boolean>,
+  ms: number,
+  what: string,
+): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!(await condition())) {
+    if (performance.now() > deadline) {
+      throw new Error(`Timed out after ${ms} ms waiting for ${what}`);
+    }
+    await sleep(10);
+  }
+}
+
+/** Forces a full garbage collection: Deno and Node with --expose-gc, or Bun. */
+export function collectGarbage(): void {
+  const bun = (globalThis as { Bun?: { gc(force: boolean): void } }).Bun;
+  if (bun) return bun.gc(true);
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (typeof gc !== "function") {
+    throw new Error("No gc(): run Deno with --v8-flags=--expose-gc (scripts/test.sh does)");
+  }
+  gc();
+}
