@@ -53,14 +53,15 @@ export {
  * names the field and what was received.
  * @throws {RangeError} A number out of range.
  *
- * @example Defaults, and a Redis locker
+ * @example A memory locker with a 30 s lease
  * ```ts
  * import { New } from "@genesis/lock";
  *
- * const etcd = New(); // nothing is connected until the first lock()
- * const redis = New({ backend: "redis", ttl: 30_000 });
- * await etcd.close();
- * await redis.close();
+ * const locker = New({ backend: "memory", ttl: 30_000 });
+ * await locker.withLock("/jobs/nightly-report", async (lease) => {
+ *   console.log(`holding ${lease.key} with token ${lease.token}`);
+ * });
+ * await locker.close();
  * ```
  */
 export function New(options?: Options): Locker {
