@@ -72,6 +72,10 @@ export function New(options?: Options): Locker {
       return new DriverLocker(async (owner) =>
         (await import("./backends/memory.ts")).openSharedDriver(resolved, owner)
       );
+    case "etcd":
+      return new DriverLocker(async (owner) =>
+        (await import("./backends/etcd.ts")).openSharedDriver(resolved, owner)
+      );
     default:
       throw new TypeError(
         `Invalid option "backend": "${resolved.backend}" is not available in this version`,

@@ -29,6 +29,7 @@ import { LockLostError } from "../errors.ts";
 import { type Driver, DriverLocker, type Grant, type Locker } from "../_locker.ts";
 import { type LeaseSettings, type Options, resolveOptions } from "../_options.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
+export type { Options } from "../_options.ts";
 
 interface Holder {
   readonly grant: Grant;

@@ -33,24 +33,33 @@ function hookOf(kind: "before" | "after" | "beforeEach" | "afterEach") {
   };
 }
 
-async function runSuite(suite: Suite, t: Deno.TestContext, outer: Suite[]): Promise<void> {
+async function runSuite(
+  suite: Suite,
+  t: Deno.TestContext,
+  outer: Suite[],
+  title = "",
+): Promise<void> {
   const chain = [...outer, suite];
   for (const hook of suite.before) await hook();
   try {
     for (const child of suite.children) {
-      const step = "children" in child
-        ? (t2: Deno.TestContext) => runSuite(child, t2, chain)
-        : async () => {
-          for (const s of chain) for (const hook of s.beforeEach) await hook();
-          try {
-            await child.fn();
-          } finally {
-            for (const s of [...chain].reverse()) for (const hook of s.afterEach) await hook();
-          }
-        };
+      if ("children" in child) {
+        // A nested group's tests become steps of the top-level test, so the
+        // step count is the count of tests, as under Bun.
+        await runSuite(child, t, chain, `${title}${child.name} > `);
+        continue;
+      }
+      const step = async () => {
+        for (const s of chain) for (const hook of s.beforeEach) await hook();
+        try {
+          await child.fn();
+        } finally {
+          for (const s of [...chain].reverse()) for (const hook of s.afterEach) await hook();
+        }
+      };
       // The suite as a whole is sanitized; a step may leave a locker open for a later one.
       await t.step({
-        name: child.name,
+        name: `${title}${child.name}`,
         fn: step,
         sanitizeOps: false,
         sanitizeResources: false,

@@ -312,7 +312,7 @@ export function conformance(target: ConformanceTarget): void {
       const other = `${prefix()}/close2`;
       const held = await a.lock(key);
       const waiting = a.lock(key);
-      const elsewhere = b.lock(other);
+      const elsewhere = await b.lock(other);
       const blocked = a.lock(other);
       await sleep(20);
       await Promise.all([a.close(), a.close()]);
@@ -322,7 +322,7 @@ export function conformance(target: ConformanceTarget): void {
       const next = await b.tryLock(key);
       assert.ok(next, "close() released the held lease");
       await next.release();
-      await (await elsewhere).release();
+      await elsewhere.release();
       await until(async () => (await target.leftovers(other)) === 0, 5_000, "no leftovers");
     });
 

@@ -1,0 +1,869 @@
+/**
+ * The etcd backend, on npm:etcd3: a fair (FIFO), fenced lock that is
+ * wire-compatible with Go's `client/v3/concurrency.Mutex`, so TypeScript
+ * services, Go services and `etcdctl lock NAME` exclude each other.
+ *
+ * The protocol is Go's: the lock key is `NAME + "/"` plus the session lease ID
+ * in lowercase hex, attached to that lease; the holder is the key with the
+ * lowest create revision; a waiter watches only the deletion of the key just
+ * before its own, then re-reads its own key (the fix for etcd-io/etcd#11456)
+ * before it counts as the holder. The fencing token is the key's create
+ * revision, and release deletes the key only if that revision is still ours.
+ *
+ * `New()` (etcd at `127.0.0.1:2379`) shares one client per connection config;
+ * {@linkcode createEtcdLocker} takes a client you already own and never
+ * closes it.
+ *
+ * @example A locker on a client you own
+ * ```ts ignore
+ * import { Etcd3 } from "npm:etcd3@^1.1.2";
+ * import { createEtcdLocker } from "@genesis/lock/etcd";
+ *
+ * const client = new Etcd3({ hosts: "http://127.0.0.1:2379" });
+ * const locker = createEtcdLocker(client, { ttl: 10_000 });
+ * await locker.withLock("/jobs/nightly-report", async (lease) => {
+ *   console.log("fencing token", lease.token);
+ * });
+ * await locker.close();
+ * client.close();
+ * ```
+ *
+ * @module
+ */
+
+import { Buffer } from "node:buffer";
+import {
+  Etcd3,
+  EtcdAuthenticationFailedError,
+  EtcdInvalidAuthTokenError,
+  EtcdPermissionDeniedError,
+  GRPCDeadlineExceededError,
+  GRPCUnauthenticatedError,
+  GRPCUnavailableError,
+  type IKeyValue,
+  type IOptions,
+  type IRangeRequest,
+  type IResponseHeader,
+  type Watcher,
+} from "etcd3";
+import { type ClientRef, Connector } from "../connector.ts";
+import {
+  LockAuthError,
+  LockConnectionError,
+  LockError,
+  LockLostError,
+  LockPermissionError,
+} from "../errors.ts";
+import {
+  abortable,
+  delay,
+  type Driver,
+  DriverLocker,
+  type Grant,
+  type Locker,
+} from "../_locker.ts";
+import {
+  type ConnectionConfig,
+  type LeaseSettings,
+  type Options,
+  type ResolvedOptions,
+  resolveOptions,
+} from "../_options.ts";
+import { scrub } from "../_scrub.ts";
+export type { Lease, Locker, LockOptions } from "../_locker.ts";
+export type { Options } from "../_options.ts";
+
+/**
+ * The client {@linkcode createEtcdLocker} takes: an `Etcd3` from npm:etcd3,
+ * described by the parts this backend uses, so any copy or version 1.x of the
+ * package fits.
+ */
+export interface EtcdClient {
+  /** The KV service (ranges and transactions). */
+  readonly kv: object;
+  /** The lease service (grant, keepalive, revoke). */
+  readonly leaseClient: object;
+  /** Starts a watch. */
+  watch(): unknown;
+}
+
+/** Options of {@linkcode createEtcdLocker}: the lease settings of `Options`. */
+export type EtcdLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
+
+const EMPTY = Buffer.alloc(0);
+
+/** What an etcd failure means to a caller: which error class, and why. */
+function translate(error: unknown, action: string, username: string, password: string): LockError {
+  if (error instanceof LockError) return error;
+  const cause = scrub(error, [password]);
+  if (
+    error instanceof EtcdAuthenticationFailedError || error instanceof GRPCUnauthenticatedError ||
+    error instanceof EtcdInvalidAuthTokenError
+  ) {
+    return new LockAuthError(
+      `${action}: etcd rejected the credentials of user ${JSON.stringify(username)}`,
+      { cause },
+    );
+  }
+  if (error instanceof EtcdPermissionDeniedError) {
+    return new LockPermissionError(`${action}: permission denied by etcd`, { cause });
+  }
+  if (error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError) {
+    return new LockConnectionError(`${action}: etcd is unreachable: ${cause.message}`, { cause });
+  }
+  return new LockError(`${action}: ${cause.message}`, { cause });
+}
+
+/** The end of the key range that holds every key starting with `prefix`. */
+function prefixEnd(prefix: Buffer): Buffer {
+  const end = Buffer.from(prefix);
+  for (let i = end.length - 1; i >= 0; i--) {
+    if (end[i] < 0xff) {
+      end[i]++;
+      return end.subarray(0, i + 1);
+    }
+  }
+  return Buffer.from([0]);
+}
+
+/** What this module tracks of a client it made. */
+interface ClientState {
+  closed: boolean;
+  /** Watches open through this module. */
+  watchers: number;
+}
+
+const clientStates = new WeakMap<Etcd3, ClientState>();
+
+/** The client calls the protocol makes, each with the connection's deadline. */
+class Calls {
+  readonly client: Etcd3;
+  readonly #timeout: number;
+  readonly #username: string;
+  readonly #password: string;
+
+  constructor(client: Etcd3, timeout: number, username = "", password = "") {
+    this.client = client;
+    this.#timeout = timeout;
+    this.#username = username;
+    this.#password = password;
+  }
+
+  /** Opens a watch on `key`, from `startRevision` or (if omitted) from now. */
+  async watch(key: Buffer | string, startRevision?: string): Promise<Watcher> {
+    const state = clientStates.get(this.client);
+    const builder = this.client.watch().key(key);
+    if (startRevision !== undefined) builder.startRevision(startRevision);
+    if (state) state.watchers++;
+    try {
+      return await builder.create();
+    } catch (error) {
+      if (state) state.watchers--;
+      throw error;
+    }
+  }
+
+  /** Cancels a watch opened by {@linkcode Calls.watch}. Never throws. */
+  unwatch(watcher: Watcher): void {
+    const state = clientStates.get(this.client);
+    if (state) state.watchers--;
+    watcher.cancel().catch(() => {});
+  }
+
+  /** Wraps a failure in a typed error that names `action` and holds no secret. */
+  error(error: unknown, action: string): LockError {
+    return translate(error, action, this.#username, this.#password);
+  }
+
+  get #options() {
+    return { deadline: new Date(Date.now() + this.#timeout) };
+  }
+
+  txn(request: Parameters<Etcd3["kv"]["txn"]>[0]) {
+    return this.client.kv.txn(request, this.#options);
+  }
+
+  range(request: IRangeRequest) {
+    return this.client.kv.range(request, this.#options);
+  }
+
+  grant(ttlSeconds: number) {
+    return this.client.leaseClient.leaseGrant({ TTL: ttlSeconds, ID: 0 }, this.#options);
+  }
+
+  revoke(id: string) {
+    return this.client.leaseClient.leaseRevoke({ ID: id }, this.#options);
+  }
+
+  /** One keepalive round trip; resolves the TTL the server now gives the lease (0: gone). */
+  async keepalive(id: string, within: number): Promise<number> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let stream: Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no keepalive reply within ${within} ms`)), within);
+    });
+    const reply = (async () => {
+      stream = await this.client.leaseClient.leaseKeepAlive();
+      const s = stream;
+      return await new Promise<number>((resolve, reject) => {
+        s.on("data", (response) => resolve(Number(response.TTL)));
+        s.on("error", reject);
+        s.on("end", () => reject(new Error("keepalive stream ended")));
+        s.write({ ID: id });
+      });
+    })();
+    reply.catch(() => {});
+    try {
+      return await Promise.race([reply, timeout]);
+    } finally {
+      clearTimeout(timer);
+      stream?.end();
+    }
+  }
+}
+
+/**
+ * A lease that keys hang off: one per locker while `autoRenew` (Go's
+ * `concurrency.Session`), one per acquisition otherwise.
+ *
+ * Loss is decided here, locally and early: the deadline is the send time of
+ * the last acknowledged grant or keepalive plus the TTL the server granted,
+ * on the monotonic clock. When it passes, `signal` aborts, before the server
+ * can give the lock to anyone else. npm:etcd3's own `lost` event comes only
+ * after twice the TTL on the wall clock, so it is not used.
+ */
+class Session {
+  readonly id: string;
+  /** The lease ID as Go's Mutex writes it into the key: lowercase hex. */
+  readonly hex: string;
+  /** The TTL the server granted, in milliseconds (etcd raises a too-short one). */
+  readonly ttl: number;
+  readonly #calls: Calls;
+  readonly #controller = new AbortController();
+  readonly #retryInterval: number;
+  #deadline: number;
+  #renewing: boolean;
+  #renewTimer?: ReturnType<typeof setTimeout>;
+  #lossTimer?: ReturnType<typeof setTimeout>;
+  #closed = false;
+  /** Keys whose fenced delete failed; retried on each renewal tick. */
+  readonly #orphans = new Map<string, string>();
+
+  private constructor(
+    calls: Calls,
+    id: string,
+    ttl: number,
+    sentAt: number,
+    renew: boolean,
+    retryInterval: number,
+  ) {
+    this.#calls = calls;
+    this.id = id;
+    this.hex = BigInt(id).toString(16);
+    this.ttl = ttl;
+    this.#deadline = sentAt + ttl;
+    this.#renewing = renew;
+    this.#retryInterval = retryInterval;
+    this.#armLoss();
+    if (renew) this.#scheduleRenewal(ttl / 3);
+  }
+
+  /** Grants a lease of `ttlMs` (rounded up to whole seconds) and starts keeping it alive. */
+  static async grant(calls: Calls, ttlMs: number, retryInterval: number): Promise<Session> {
+    const sentAt = performance.now();
+    const response = await calls.grant(Math.ceil(ttlMs / 1000));
+    const granted = Number(response.TTL) * 1000;
+    if (!(granted > 0)) {
+      throw new LockError(`Cannot grant an etcd lease: ${response.error || "no TTL"}`);
+    }
+    return new Session(calls, response.ID, granted, sentAt, true, retryInterval);
+  }
+
+  /** Aborts when the lease is gone; its reason is why, as a phrase. */
+  get signal(): AbortSignal {
+    return this.#controller.signal;
+  }
+
+  get alive(): boolean {
+    return !this.signal.aborted && performance.now() < this.#deadline;
+  }
+
+  /**
+   * Stops renewing (a lease without `autoRenew`): it lasts its TTL from now.
+   * One keepalive first, so the TTL counts from the acquisition, not from the
+   * grant that may have come long before, while waiting.
+   */
+  async stopRenewing(refresh: boolean): Promise<void> {
+    this.#renewing = false;
+    clearTimeout(this.#renewTimer);
+    if (refresh) await this.#renew();
+  }
+
+  /** Remembers a key whose delete failed, to retry until the lease ends. */
+  orphan(key: string, createRevision: string) {
+    this.#orphans.set(key, createRevision);
+    if (!this.#renewing) this.#scheduleRenewal(this.#retryInterval);
+  }
+
+  #armLoss() {
+    clearTimeout(this.#lossTimer);
+    this.#lossTimer = setTimeout(() => {
+      // Timers and the monotonic clock can disagree by a fraction of a millisecond.
+      if (!this.#checkDeadline()) this.#armLoss();
+    }, Math.max(0, this.#deadline - performance.now()));
+  }
+
+  #checkDeadline(): boolean {
+    if (this.signal.aborted) return true;
+    const late = performance.now() - this.#deadline;
+    if (late < 0) return false;
+    this.#lose(`no keepalive was acknowledged within the ${this.ttl} ms lease`);
+    return true;
+  }
+
+  #lose(detail: string) {
+    if (this.signal.aborted) return;
+    clearTimeout(this.#renewTimer);
+    clearTimeout(this.#lossTimer);
+    this.#controller.abort(detail);
+  }
+
+  #scheduleRenewal(after: number) {
+    clearTimeout(this.#renewTimer);
+    this.#renewTimer = setTimeout(() => this.#tick(), after);
+  }
+
+  async #tick() {
+    // A process that was paused runs this late: decide loss before sending anything.
+    if (this.#closed || this.#checkDeadline()) return;
+    await this.#cleanOrphans();
+    if (!this.#renewing) {
+      if (this.#orphans.size > 0) this.#scheduleRenewal(this.#retryInterval);
+      return;
+    }
+    const ok = await this.#renew();
+    if (this.#closed || this.signal.aborted) return;
+    // After a failure, try again soon: the deadline is what decides loss.
+    this.#scheduleRenewal(ok ? this.ttl / 3 : Math.min(this.#retryInterval * 5, this.ttl / 6));
+  }
+
+  /** One keepalive; moves the deadline on success. Never throws. */
+  async #renew(): Promise<boolean> {
+    const sentAt = performance.now();
+    try {
+      const ttl = await this.#calls.keepalive(this.id, Math.max(1, this.#deadline - sentAt));
+      if (this.signal.aborted) return false;
+      if (ttl <= 0) {
+        this.#lose("the lease expired on the server");
+        return false;
+      }
+      this.#deadline = Math.max(this.#deadline, sentAt + ttl * 1000);
+      this.#armLoss();
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  async #cleanOrphans() {
+    for (const [key, revision] of this.#orphans) {
+      try {
+        await fencedDelete(this.#calls, key, revision);
+        this.#orphans.delete(key);
+      } catch {
+        return;
+      }
+    }
+  }
+
+  /** Stops the timers and revokes the lease, which deletes every key on it. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#renewTimer);
+    clearTimeout(this.#lossTimer);
+    this.#lose("the session was closed");
+    try {
+      await this.#calls.revoke(this.id);
+    } catch {
+      // Unreachable: the lease and its keys expire with the TTL.
+    }
+  }
+}
+
+/** Deletes `key` only if its create revision is still `revision`. */
+async function fencedDelete(calls: Calls, key: string, revision: string): Promise<void> {
+  const k = Buffer.from(key);
+  await calls.txn({
+    compare: [{ key: k, target: "Create", result: "Equal", create_revision: revision }],
+    success: [{ request_delete_range: { key: k } }],
+    failure: [],
+  });
+}
+
+interface Attempt {
+  /** Our key's create revision. */
+  revision: string;
+  /** Whether our key has the lowest create revision under the prefix. */
+  owner: boolean;
+  header: IResponseHeader;
+}
+
+/** One lock acquisition on one session, as Go's `Mutex.Lock` does it. */
+class Acquisition {
+  readonly #calls: Calls;
+  readonly #session: Session;
+  readonly #name: string;
+  readonly #prefix: Buffer;
+  readonly #key: string;
+  readonly #retryInterval: number;
+
+  constructor(calls: Calls, session: Session, name: string, retryInterval: number) {
+    this.#calls = calls;
+    this.#session = session;
+    this.#name = name;
+    this.#prefix = Buffer.from(`${name}/`);
+    this.#key = `${name}/${session.hex}`;
+    this.#retryInterval = retryInterval;
+  }
+
+  get #ownerRange(): IRangeRequest {
+    return {
+      key: this.#prefix,
+      range_end: prefixEnd(this.#prefix),
+      sort_target: "Create",
+      sort_order: "Ascend",
+      limit: 1,
+    };
+  }
+
+  /**
+   * Puts our key if it is absent and reads the current owner, in one
+   * transaction. A key of ours already present is stale (a release that
+   * failed, or a retried put): it is deleted and put again, so the token
+   * still grows.
+   */
+  async #put(): Promise<Attempt> {
+    const key = Buffer.from(this.#key);
+    for (let i = 0;; i++) {
+      const response = await this.#calls.txn({
+        compare: [{ key, target: "Create", result: "Equal", create_revision: 0 }],
+        success: [
+          { request_put: { key, value: EMPTY, lease: this.#session.id } },
+          { request_range: this.#ownerRange },
+        ],
+        failure: [{ request_range: { key } }, { request_range: this.#ownerRange }],
+      });
+      const owner = response.responses[1].response_range.kvs[0];
+      if (response.succeeded) {
+        const revision = response.header.revision;
+        return {
+          revision,
+          owner: owner === undefined || owner.create_revision === revision,
+          header: response.header,
+        };
+      }
+      const stale = response.responses[0].response_range.kvs[0];
+      if (stale === undefined || i >= 2) {
+        throw new LockError(
+          `Cannot acquire lock ${JSON.stringify(this.#name)}: the key keeps changing`,
+        );
+      }
+      await fencedDelete(this.#calls, this.#key, stale.create_revision);
+    }
+  }
+
+  /** Runs the acquisition. Leaves nothing behind when it rejects or returns undefined. */
+  async run(
+    wait: boolean,
+    signal: AbortSignal,
+  ): Promise<{ revision: string; header: IResponseHeader } | undefined> {
+    const attempt = await this.#put();
+    try {
+      if (signal.aborted) throw signal.reason;
+      if (attempt.owner) return { revision: attempt.revision, header: attempt.header };
+      if (!wait) {
+        await this.#delete(attempt.revision);
+        return undefined;
+      }
+      const header = await this.#waitTurn(attempt.revision, signal);
+      return { revision: attempt.revision, header };
+    } catch (error) {
+      await this.#delete(attempt.revision);
+      throw error;
+    }
+  }
+
+  async #delete(revision: string) {
+    try {
+      await fencedDelete(this.#calls, this.#key, revision);
+    } catch {
+      // Never leave a waiter key that would block everyone behind it.
+      this.#session.orphan(this.#key, revision);
+    }
+  }
+
+  /**
+   * Waits until every key created before ours is gone, then checks that ours
+   * is still there: a session that expired while queued must not be granted
+   * (etcd-io/etcd#11456).
+   */
+  async #waitTurn(revision: string, signal: AbortSignal): Promise<IResponseHeader> {
+    const before = String(BigInt(revision) - 1n);
+    const ours = Buffer.from(this.#key);
+    for (;;) {
+      // The predecessor and our own key, read at one revision.
+      const response = await this.#calls.txn({
+        compare: [],
+        success: [
+          {
+            request_range: {
+              ...this.#ownerRange,
+              sort_order: "Descend",
+              max_create_revision: before,
+            },
+          },
+          { request_range: { key: ours } },
+        ],
+        failure: [],
+      });
+      const mine = response.responses[1].response_range.kvs[0];
+      if (mine === undefined || mine.create_revision !== revision) {
+        throw new LockLostError(this.#name, "the session lease expired while waiting");
+      }
+      const predecessor = response.responses[0].response_range.kvs[0];
+      if (predecessor === undefined) return response.header;
+      await this.#waitDelete(predecessor, signal);
+    }
+  }
+
+  /**
+   * Waits for `kv` to be deleted. The watch starts at the current revision
+   * (a watch from an older one is "unsynced" and etcd 3.4 delivers its events
+   * only on a later catch-up pass, ~80 ms); a read after the watch is in
+   * place catches a delete that came before it. Polling at `retryInterval`
+   * covers a lost event.
+   */
+  async #waitDelete(kv: IKeyValue, signal: AbortSignal): Promise<void> {
+    const stop = new AbortController();
+    const onLost = () =>
+      stop.abort(new LockLostError(this.#name, "the session lease expired while waiting"));
+    const onAbort = () => stop.abort(signal.reason);
+    this.#session.signal.addEventListener("abort", onLost, { once: true });
+    signal.addEventListener("abort", onAbort, { once: true });
+    if (signal.aborted) onAbort();
+    if (this.#session.signal.aborted) onLost();
+    let watcher: Watcher | undefined;
+    try {
+      const gone = new Promise<void>((resolve) => {
+        this.#calls.watch(kv.key).then((w) => {
+          if (stop.signal.aborted) return this.#calls.unwatch(w);
+          watcher = w;
+          w.on("delete", () => resolve());
+          w.on("put", (put) => {
+            if (put.create_revision !== kv.create_revision) resolve();
+          });
+          // The watch is in place: a read now sees any delete it missed.
+          void this.#stillThere(kv).then((there) => there || resolve(), () => {});
+        }, () => {});
+      });
+      const polled = (async () => {
+        for (;;) {
+          await delay(this.#retryInterval, stop.signal);
+          if (!(await this.#stillThere(kv).catch(() => true))) return;
+        }
+      })();
+      await abortable(Promise.race([gone, polled]), stop.signal);
+    } finally {
+      stop.abort();
+      this.#session.signal.removeEventListener("abort", onLost);
+      signal.removeEventListener("abort", onAbort);
+      if (watcher) this.#calls.unwatch(watcher);
+    }
+  }
+
+  async #stillThere(kv: IKeyValue): Promise<boolean> {
+    const response = await this.#calls.range({ key: kv.key });
+    const now = response.kvs[0];
+    return now !== undefined && now.create_revision === kv.create_revision;
+  }
+
+  /**
+   * The held lock: its signal aborts when the session is lost or the key is
+   * deleted behind our back (watched from the revision we read it at).
+   */
+  hold(revision: string, header: IResponseHeader, release: () => Promise<void>): Grant {
+    const controller = new AbortController();
+    let ended = false;
+    let watcher: Watcher | undefined;
+    const end = () => {
+      ended = true;
+      this.#session.signal.removeEventListener("abort", onSessionLost);
+      if (watcher) this.#calls.unwatch(watcher);
+      watcher = undefined;
+    };
+    const lose = (reason: LockLostError) => {
+      if (ended) return;
+      end();
+      controller.abort(reason);
+    };
+    const onSessionLost = () =>
+      lose(new LockLostError(this.#name, String(this.#session.signal.reason)));
+    this.#session.signal.addEventListener("abort", onSessionLost, { once: true });
+    if (this.#session.signal.aborted) onSessionLost();
+    this.#calls.watch(this.#key, String(BigInt(header.revision) + 1n)).then((w) => {
+      if (ended) return this.#calls.unwatch(w);
+      watcher = w;
+      w.on("delete", () => lose(new LockLostError(this.#name, "its key was deleted")));
+      w.on("put", (kv) => {
+        if (kv.create_revision !== revision) {
+          lose(new LockLostError(this.#name, "its key was replaced"));
+        }
+      });
+    }, () => {});
+    return {
+      token: BigInt(revision),
+      signal: controller.signal,
+      release: async () => {
+        end();
+        await release();
+      },
+    };
+  }
+
+  /** Fenced release of the key at `revision`. */
+  release(revision: string): Promise<void> {
+    return fencedDelete(this.#calls, this.#key, revision);
+  }
+}
+
+/** The etcd driver: sessions, acquisitions, and the client reference. */
+class EtcdDriver implements Driver {
+  readonly #calls: Calls;
+  readonly #settings: LeaseSettings;
+  readonly #onClose: () => Promise<void>;
+  #shared?: Promise<Session>;
+  readonly #sessions = new Set<Session>();
+
+  constructor(calls: Calls, settings: LeaseSettings, onClose: () => Promise<void>) {
+    this.#calls = calls;
+    this.#settings = settings;
+    this.#onClose = onClose;
+  }
+
+  async #grant(): Promise<Session> {
+    const session = await Session.grant(
+      this.#calls,
+      this.#settings.ttl,
+      this.#settings.retryInterval,
+    );
+    this.#sessions.add(session);
+    session.signal.addEventListener("abort", () => this.#sessions.delete(session), { once: true });
+    return session;
+  }
+
+  /** The locker's session: granted on first use, granted anew once lost. */
+  async #sharedSession(): Promise<Session> {
+    const current = this.#shared;
+    if (current !== undefined) {
+      const session = await current.catch(() => undefined);
+      if (session?.alive) return session;
+      if (this.#shared !== current) return this.#sharedSession();
+    }
+    const next = this.#grant();
+    this.#shared = next;
+    next.catch(() => {
+      if (this.#shared === next) this.#shared = undefined;
+    });
+    return next;
+  }
+
+  async acquire(key: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
+    const action = `Cannot acquire lock ${JSON.stringify(key)}`;
+    const shared = this.#settings.autoRenew;
+    let session: Session | undefined;
+    try {
+      session = await abortable(shared ? this.#sharedSession() : this.#grant(), signal);
+      const acquisition = new Acquisition(this.#calls, session, key, this.#settings.retryInterval);
+      const started = performance.now();
+      const won = await acquisition.run(wait, signal);
+      if (won === undefined) {
+        if (!shared) await session.close();
+        return undefined;
+      }
+      const own = session;
+      if (!shared) {
+        // Without autoRenew the lease lasts ttl from the acquisition: refresh it
+        // once if waiting took a while, then let it run out.
+        await own.stopRenewing(performance.now() - started > 50);
+      }
+      return acquisition.hold(won.revision, won.header, async () => {
+        if (shared) {
+          try {
+            await acquisition.release(won.revision);
+          } catch (error) {
+            own.orphan(`${key}/${own.hex}`, won.revision);
+            throw this.#calls.error(error, `Cannot release lock ${JSON.stringify(key)}`);
+          }
+        } else {
+          await own.close();
+        }
+      });
+    } catch (error) {
+      if (!shared) await session?.close();
+      if (signal.aborted && error === signal.reason) throw error;
+      throw this.#calls.error(error, action);
+    }
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.#sessions].map((session) => session.close()));
+    await this.#onClose();
+  }
+}
+
+/**
+ * The watch stream's reconnect delay: exponential up to 5 s while watches
+ * are open. npm:etcd3 schedules a reconnect even when it ended the stream
+ * itself (its last watcher was cancelled, or the client closed); a zero delay
+ * then lets that no-op timer run out at once instead of holding the process.
+ */
+class WatchBackoff {
+  readonly #state: ClientState;
+  readonly #attempt: number;
+
+  constructor(state: ClientState, attempt = 0) {
+    this.#state = state;
+    this.#attempt = attempt;
+  }
+
+  get duration(): number {
+    if (this.#state.closed || this.#state.watchers === 0) return 0;
+    return Math.min(5_000, 50 * 2 ** this.#attempt);
+  }
+
+  next(): WatchBackoff {
+    return new WatchBackoff(this.#state, this.#attempt + 1);
+  }
+}
+
+/** The npm:etcd3 options for a connection config. */
+function clientOptions(config: ConnectionConfig, state: ClientState): IOptions {
+  const scheme = config.tls === false ? "http" : "https";
+  const options: IOptions = {
+    hosts: config.endpoints.map((endpoint) =>
+      /^https?:\/\//.test(endpoint) ? endpoint : `${scheme}://${endpoint}`
+    ),
+    dialTimeout: config.dialTimeout,
+    faultHandling: { watchBackoff: new WatchBackoff(state) },
+  };
+  if (config.username !== "" || config.password !== "") {
+    options.auth = { username: config.username, password: config.password };
+  }
+  if (config.tls !== false && config.tls.ca !== undefined) {
+    options.credentials = {
+      rootCertificate: Buffer.from(config.tls.ca),
+      privateKey: config.tls.key === undefined ? undefined : Buffer.from(config.tls.key),
+      certChain: config.tls.cert === undefined ? undefined : Buffer.from(config.tls.cert),
+    };
+  }
+  if (config.tls !== false && config.tls.serverName !== undefined) {
+    options.grpcOptions = { "grpc.ssl_target_name_override": config.tls.serverName };
+  }
+  return options;
+}
+
+/**
+ * Connects a client and proves it works (and, with credentials, that they
+ * are accepted) within `dialTimeout`: a failure is thrown, so the connector
+ * does not cache it.
+ */
+async function connect(config: ConnectionConfig): Promise<Etcd3> {
+  const state: ClientState = { closed: false, watchers: 0 };
+  const client = new Etcd3(clientOptions(config, state));
+  clientStates.set(client, state);
+  const where = config.endpoints.join(", ");
+  const calls = new Calls(client, config.dialTimeout, config.username, config.password);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(
+            new LockConnectionError(
+              `Cannot connect to etcd at ${where}: no answer within ${config.dialTimeout} ms`,
+            ),
+          ),
+        config.dialTimeout,
+      );
+    });
+    // The cheapest call that goes through authentication.
+    await Promise.race([
+      client.maintenance.status({ deadline: new Date(Date.now() + config.dialTimeout) }),
+      timeout,
+    ]);
+    return client;
+  } catch (error) {
+    closeClient(client);
+    throw calls.error(error, `Cannot connect to etcd at ${where}`);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function closeClient(client: Etcd3): Promise<void> {
+  const state = clientStates.get(client);
+  if (state) state.closed = true;
+  client.close();
+  return Promise.resolve();
+}
+
+const clients = new Connector<Etcd3>({ create: connect, close: closeClient });
+
+/**
+ * The driver behind `New({ backend: "etcd" })`: a client shared by every
+ * locker with the same connection config.
+ *
+ * @ignore
+ */
+export async function openSharedDriver(options: ResolvedOptions, owner: object): Promise<Driver> {
+  const ref: ClientRef<Etcd3> = await clients.acquire(options, owner);
+  const calls = new Calls(ref.client, options.dialTimeout, options.username, options.password);
+  return new EtcdDriver(calls, options, ref.release);
+}
+
+/**
+ * Creates an etcd locker on a client you already own (the Go design's
+ * per-backend API). The locker never closes your client.
+ *
+ * @param client An npm:etcd3 `Etcd3` client.
+ * @param options The lease settings.
+ * @returns A locker.
+ * @throws {TypeError} A client that is not an `Etcd3`, or a bad option.
+ * @throws {RangeError} An option out of range.
+ *
+ * @example Share your client
+ * ```ts ignore
+ * import { Etcd3 } from "npm:etcd3@^1.1.2";
+ * import { createEtcdLocker } from "@genesis/lock/etcd";
+ *
+ * const client = new Etcd3();
+ * const locker = createEtcdLocker(client);
+ * const lease = await locker.tryLock("/jobs/a");
+ * await lease?.release();
+ * await locker.close();
+ * client.close();
+ * ```
+ */
+export function createEtcdLocker(client: EtcdClient, options?: EtcdLockerOptions): Locker {
+  // Structural, not instanceof: the caller's npm:etcd3 may be another copy.
+  const c = client as Partial<Etcd3> | undefined;
+  if (typeof c?.watch !== "function" || typeof c.kv?.txn !== "function" || !c.leaseClient) {
+    throw new TypeError(`Invalid argument "client": expected an Etcd3 client from npm:etcd3`);
+  }
+  const settings = resolveOptions({ ...options, backend: "etcd" });
+  const calls = new Calls(client as Etcd3, settings.dialTimeout);
+  return new DriverLocker(() =>
+    Promise.resolve(new EtcdDriver(calls, settings, () => Promise.resolve()))
+  );
+}

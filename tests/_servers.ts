@@ -1,0 +1,259 @@
+// Real servers for the tests: etcd and redis-server started from PATH as child
+// processes, on free loopback ports, in temporary folders, stopped by PID.
+// A missing binary fails the run and names the Debian package to install.
+
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { sleep } from "./_util.ts";
+
+const PACKAGES: Record<string, string> = {
+  etcd: "etcd-server",
+  etcdctl: "etcd-client",
+  "redis-server": "redis-server",
+  "redis-cli": "redis-tools",
+  openssl: "openssl",
+};
+
+/** The path of `binary`, or an error that says which package installs it. */
+export function requireBinary(binary: string): string {
+  try {
+    return execFileSync("sh", ["-c", `command -v ${binary}`], { encoding: "utf8" }).trim();
+  } catch {
+    throw new Error(
+      `${binary} is not on the PATH: install the Debian package ${PACKAGES[binary] ?? binary} ` +
+        `(apt-get install ${PACKAGES[binary] ?? binary}); .ci/run does`,
+    );
+  }
+}
+
+/** A free TCP port on 127.0.0.1 (free when asked; the OS picks it). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.unref();
+    server.on("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** A temporary folder, removed by the returned function. */
+export function tempDir(label: string): { path: string; remove(): void } {
+  const path = mkdtempSync(join(tmpdir(), `genesis-lock-${label}-`));
+  return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
+}
+
+/** A child process that can be paused, resumed and stopped by PID. */
+export class Child {
+  readonly #process: ChildProcess;
+  readonly exited: Promise<number | null>;
+  #output = "";
+
+  constructor(
+    command: string,
+    args: string[],
+    options: { cwd?: string; env?: Record<string, string> } = {},
+  ) {
+    this.#process = spawn(command, args, {
+      cwd: options.cwd,
+      env: { ...process.env, ...options.env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const keep = (chunk: unknown) => {
+      this.#output = (this.#output + String(chunk)).slice(-20_000);
+    };
+    this.#process.stdout?.on("data", keep);
+    this.#process.stderr?.on("data", keep);
+    this.exited = new Promise((resolve) => {
+      this.#process.on("exit", (code, signal) => resolve(code ?? (signal ? -1 : null)));
+      this.#process.on("error", () => resolve(null));
+    });
+  }
+
+  /** The PID. */
+  get pid(): number {
+    return this.#process.pid!;
+  }
+
+  /** The last 20,000 characters of stdout and stderr. */
+  get output(): string {
+    return this.#output;
+  }
+
+  /** Sends `signal` to the process. */
+  signal(signal: NodeJS.Signals): void {
+    try {
+      process.kill(this.pid, signal);
+    } catch {
+      // Already gone.
+    }
+  }
+
+  /** Stops the process (SIGTERM, then SIGKILL after `graceMs`) and waits for it. */
+  async stop(graceMs = 3_000): Promise<void> {
+    this.signal("SIGCONT");
+    this.signal("SIGTERM");
+    const timer = setTimeout(() => this.signal("SIGKILL"), graceMs);
+    await this.exited;
+    clearTimeout(timer);
+  }
+}
+
+async function waitFor(what: string, ready: () => boolean, child: Child, ms = 20_000) {
+  const deadline = performance.now() + ms;
+  let exited = false;
+  child.exited.then(() => exited = true);
+  while (!ready()) {
+    if (exited) throw new Error(`${what} exited at start:\n${child.output}`);
+    if (performance.now() > deadline) {
+      throw new Error(`${what} was not ready after ${ms} ms:\n${child.output}`);
+    }
+    await sleep(25);
+  }
+}
+
+/** One etcd member of a test cluster. */
+export interface EtcdMember {
+  name: string;
+  clientPort: number;
+  peerPort: number;
+  endpoint: string;
+  child?: Child;
+}
+
+/** Options of {@linkcode startEtcd}. */
+export interface EtcdOptions {
+  /** How many members (1 or 3). */
+  members?: number;
+  /** Client TLS: the server's certificate and key files, and the CA that signed them. */
+  tls?: { cert: string; key: string; ca: string; clientCertAuth?: boolean };
+}
+
+/** A test etcd cluster on loopback. */
+export class EtcdCluster implements AsyncDisposable {
+  readonly members: EtcdMember[];
+  readonly #dir = tempDir("etcd");
+  readonly #options: EtcdOptions;
+
+  private constructor(members: EtcdMember[], options: EtcdOptions) {
+    this.members = members;
+    this.#options = options;
+  }
+
+  /** Starts a cluster and waits until every member answers. */
+  static async start(options: EtcdOptions = {}): Promise<EtcdCluster> {
+    requireBinary("etcd");
+    requireBinary("etcdctl");
+    const count = options.members ?? 1;
+    const scheme = options.tls ? "https" : "http";
+    const members: EtcdMember[] = [];
+    for (let i = 0; i < count; i++) {
+      const clientPort = await freePort();
+      const peerPort = await freePort();
+      members.push({
+        name: `m${i}`,
+        clientPort,
+        peerPort,
+        endpoint: `${scheme}://127.0.0.1:${clientPort}`,
+      });
+    }
+    const cluster = new EtcdCluster(members, options);
+    try {
+      await Promise.all(members.map((_, i) => cluster.startMember(i, "new")));
+    } catch (error) {
+      await cluster.stop();
+      throw error;
+    }
+    return cluster;
+  }
+
+  /** `host:port` of every member. */
+  get endpoints(): string[] {
+    return this.members.map((m) => `127.0.0.1:${m.clientPort}`);
+  }
+
+  /** Starts member `i` (again): `state` is "new" for a fresh cluster, "existing" for a restart. */
+  async startMember(i: number, state: "new" | "existing" = "existing"): Promise<void> {
+    const member = this.members[i];
+    const scheme = this.#options.tls ? "https" : "http";
+    const cluster = this.members.map((m) => `${m.name}=http://127.0.0.1:${m.peerPort}`).join(",");
+    const args = [
+      "--name",
+      member.name,
+      "--data-dir",
+      join(this.#dir.path, member.name),
+      "--listen-client-urls",
+      `${scheme}://127.0.0.1:${member.clientPort}`,
+      "--advertise-client-urls",
+      `${scheme}://127.0.0.1:${member.clientPort}`,
+      "--listen-peer-urls",
+      `http://127.0.0.1:${member.peerPort}`,
+      "--initial-advertise-peer-urls",
+      `http://127.0.0.1:${member.peerPort}`,
+      "--initial-cluster",
+      cluster,
+      "--initial-cluster-state",
+      state,
+      "--initial-cluster-token",
+      `t-${this.#dir.path.slice(-6)}`,
+      // Faster elections than the defaults keep the failover tests short.
+      "--heartbeat-interval",
+      "50",
+      "--election-timeout",
+      "500",
+      "--log-level",
+      "info", // readiness is read from the log
+      "--logger",
+      "zap",
+    ];
+    const tls = this.#options.tls;
+    if (tls) {
+      args.push("--cert-file", tls.cert, "--key-file", tls.key, "--trusted-ca-file", tls.ca);
+      if (tls.clientCertAuth) args.push("--client-cert-auth");
+    }
+    member.child = new Child("etcd", args);
+    const child = member.child;
+    await waitFor(
+      `etcd ${member.name}`,
+      () =>
+        /serving client traffic/.test(child.output) &&
+        /published local member to cluster/.test(child.output),
+      child,
+    );
+  }
+
+  /** Runs etcdctl against the cluster and returns its stdout. */
+  etcdctl(args: string[], extra: string[] = []): string {
+    const tls = this.#options.tls;
+    const flags = [`--endpoints=${this.members.map((m) => m.endpoint).join(",")}`, ...extra];
+    if (tls) flags.push(`--cacert=${tls.ca}`);
+    return execFileSync("etcdctl", [...flags, ...args], {
+      encoding: "utf8",
+      env: { ...process.env, ETCDCTL_API: "3" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+  }
+
+  /** Stops member `i` (SIGKILL: a crash, not a clean leave). */
+  async killMember(i: number): Promise<void> {
+    const child = this.members[i].child;
+    child?.signal("SIGKILL");
+    await child?.exited;
+    this.members[i].child = undefined;
+  }
+
+  /** Stops every member and removes the data. */
+  async stop(): Promise<void> {
+    await Promise.all(this.members.map((m) => m.child?.stop()));
+    this.#dir.remove();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+}
