@@ -127,6 +127,12 @@ export interface Grant {
   readonly token: bigint;
   /** Aborts with a `LockLostError` when the backend decides the lock is lost. */
   readonly signal: AbortSignal;
+  /**
+   * Aborts `signal` now if the lease's deadline has passed. Called on every
+   * read of `lease.signal`, so a process that was paused past its deadline
+   * sees the loss on its first look, even before the loss timer has run.
+   */
+  check?(): void;
   /** Fenced release on the server. */
   release(): Promise<void>;
 }
@@ -284,7 +290,6 @@ class KeyQueue {
 class HeldLease implements Lease {
   readonly key: string;
   readonly token: bigint;
-  readonly signal: AbortSignal;
   readonly #grant: Grant;
   #ended = false;
   readonly #onEnd: () => void;
@@ -293,13 +298,17 @@ class HeldLease implements Lease {
   constructor(key: string, grant: Grant, onEnd: () => void) {
     this.key = key;
     this.token = grant.token;
-    this.signal = grant.signal;
     this.#grant = grant;
     this.#onEnd = onEnd;
     // A lost lease stops counting as held at once, so unlock() and the next
     // in-process waiter do not wait for the holder to notice.
     if (grant.signal.aborted) this.#end();
     else grant.signal.addEventListener("abort", () => this.#end(), { once: true });
+  }
+
+  get signal(): AbortSignal {
+    if (!this.#ended) this.#grant.check?.();
+    return this.#grant.signal;
   }
 
   #end() {

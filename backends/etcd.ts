@@ -313,6 +313,11 @@ class Session {
     }, Math.max(0, this.#deadline - performance.now()));
   }
 
+  /** Aborts `signal` if the deadline has passed; whether it is aborted. */
+  checkDeadline(): boolean {
+    return this.#checkDeadline();
+  }
+
   #checkDeadline(): boolean {
     if (this.signal.aborted) return true;
     const late = performance.now() - this.#deadline;
@@ -624,6 +629,7 @@ class Acquisition {
     return {
       token: BigInt(revision),
       signal: controller.signal,
+      check: () => void this.#session.checkDeadline(),
       release: async () => {
         end();
         await release();

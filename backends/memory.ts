@@ -35,6 +35,8 @@ interface Holder {
   readonly grant: Grant;
   readonly controller: AbortController;
   timer?: ReturnType<typeof setTimeout>;
+  /** When the lease expires, on the monotonic clock (Infinity: never). */
+  expiresAt: number;
 }
 
 interface Waiter {
@@ -133,24 +135,30 @@ export class MemoryStore {
 
   #grant(key: string, slot: Slot, ttl: number | undefined): Grant {
     const controller = new AbortController();
+    const expire = () => {
+      if (slot.holder !== holder) return;
+      // The holder hears of the loss before the next holder is granted.
+      controller.abort(new LockLostError(key, `lease expired after ${ttl} ms`));
+      this.#handOff(key, slot);
+    };
     const grant: Grant = {
       token: ++this.#counter,
       signal: controller.signal,
+      check: () => {
+        if (performance.now() >= holder.expiresAt) expire();
+      },
       release: () => {
         // Fenced: only the current holder's release frees the key.
         if (slot.holder === holder) this.#handOff(key, slot);
         return Promise.resolve();
       },
     };
-    const holder: Holder = { grant, controller };
-    if (ttl !== undefined) {
-      holder.timer = setTimeout(() => {
-        if (slot.holder !== holder) return;
-        // The holder hears of the loss before the next holder is granted.
-        controller.abort(new LockLostError(key, `lease expired after ${ttl} ms`));
-        this.#handOff(key, slot);
-      }, ttl);
-    }
+    const holder: Holder = {
+      grant,
+      controller,
+      expiresAt: ttl === undefined ? Infinity : performance.now() + ttl,
+    };
+    if (ttl !== undefined) holder.timer = setTimeout(expire, ttl);
     slot.holder = holder;
     return grant;
   }

@@ -14,8 +14,15 @@ interface Case {
   fn: Fn;
 }
 
+/** Deno test options a top-level describe() may relax, for leaks a client library makes. */
+export interface SuiteOptions {
+  sanitizeOps?: boolean;
+  sanitizeResources?: boolean;
+}
+
 interface Suite {
   name: string;
+  options: SuiteOptions;
   children: (Case | Suite)[];
   before: Hook[];
   after: Hook[];
@@ -25,6 +32,9 @@ interface Suite {
 
 const deno = (globalThis as { Deno?: typeof Deno }).Deno;
 let current: Suite | undefined;
+/** TEST_FILTER=regex runs only the matching tests (Deno; Bun has --test-name-pattern). */
+const only = deno?.env.get("TEST_FILTER");
+const filter = only ? new RegExp(only) : undefined;
 
 function hookOf(kind: "before" | "after" | "beforeEach" | "afterEach") {
   return (fn: Hook) => {
@@ -49,6 +59,7 @@ async function runSuite(
         await runSuite(child, t, chain, `${title}${child.name} > `);
         continue;
       }
+      if (filter && !filter.test(`${suite.name} > ${title}${child.name}`)) continue;
       const step = async () => {
         for (const s of chain) for (const hook of s.beforeEach) await hook();
         try {
@@ -71,8 +82,22 @@ async function runSuite(
   }
 }
 
-function denoDescribe(name: string, fn: () => void): void {
-  const suite: Suite = { name, children: [], before: [], after: [], beforeEach: [], afterEach: [] };
+function denoDescribe(
+  name: string,
+  optionsOrFn: SuiteOptions | (() => void),
+  body?: () => void,
+): void {
+  const options = typeof optionsOrFn === "function" ? {} : optionsOrFn;
+  const fn = typeof optionsOrFn === "function" ? optionsOrFn : body!;
+  const suite: Suite = {
+    name,
+    options,
+    children: [],
+    before: [],
+    after: [],
+    beforeEach: [],
+    afterEach: [],
+  };
   const parent = current;
   parent?.children.push(suite);
   current = suite;
@@ -81,7 +106,9 @@ function denoDescribe(name: string, fn: () => void): void {
   } finally {
     current = parent;
   }
-  if (parent === undefined) deno!.test({ name, fn: (t) => runSuite(suite, t, []) });
+  if (parent === undefined) {
+    deno!.test({ name, ...suite.options, fn: (t) => runSuite(suite, t, []) });
+  }
 }
 
 function denoIt(name: string, fn: Fn): void {
@@ -89,10 +116,17 @@ function denoIt(name: string, fn: Fn): void {
   else current.children.push({ name, fn });
 }
 
-/** Groups tests; under Deno, a top-level group is one sanitized test. */
-export const describe: (name: string, fn: () => void) => void = deno
+/**
+ * Groups tests; under Deno, a top-level group is one sanitized test. Options
+ * (Deno only) relax a sanitizer for a group, and must say why where used.
+ */
+export const describe: {
+  (name: string, fn: () => void): void;
+  (name: string, options: SuiteOptions, fn: () => void): void;
+} = deno
   ? denoDescribe
-  : (name, fn) => void nodeTest.describe(name, fn);
+  : (name: string, a: SuiteOptions | (() => void), b?: () => void) =>
+    void nodeTest.describe(name, typeof a === "function" ? a : b!);
 /** One test. */
 export const it: (name: string, fn: Fn) => void = deno
   ? denoIt

@@ -3,7 +3,7 @@
 // A missing binary fails the run and names the Debian package to install.
 
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -27,6 +27,16 @@ export function requireBinary(binary: string): string {
         `(apt-get install ${PACKAGES[binary] ?? binary}); .ci/run does`,
     );
   }
+}
+
+/**
+ * Runs a TypeScript file in a child process of the runtime running the tests
+ * (Deno or Bun).
+ */
+export function runScript(script: string, args: string[]): Child {
+  const deno = (globalThis as { Deno?: unknown }).Deno !== undefined;
+  const runtimeArgs = deno ? ["run", "--allow-all", script, ...args] : [script, ...args];
+  return new Child(process.execPath, runtimeArgs);
 }
 
 /** A free TCP port on 127.0.0.1 (free when asked; the OS picks it). */
@@ -85,6 +95,21 @@ export class Child {
     return this.#output;
   }
 
+  /** Resolves when the output contains `pattern`; fails after `ms`. */
+  async waitFor(pattern: RegExp, ms = 10_000): Promise<RegExpMatchArray> {
+    const deadline = performance.now() + ms;
+    for (;;) {
+      const match = this.#output.match(pattern);
+      if (match) return match;
+      if (performance.now() > deadline) {
+        throw new Error(
+          `No ${pattern} from PID ${this.pid} within ${ms} ms; output:\n${this.#output}`,
+        );
+      }
+      await sleep(10);
+    }
+  }
+
   /** Sends `signal` to the process. */
   signal(signal: NodeJS.Signals): void {
     try {
@@ -115,6 +140,81 @@ async function waitFor(what: string, ready: () => boolean, child: Child, ms = 20
     }
     await sleep(25);
   }
+}
+
+/** A throwaway CA and a server certificate for 127.0.0.1, made by openssl. */
+export interface TestCerts {
+  dir: string;
+  ca: string;
+  cert: string;
+  key: string;
+  caPem: string;
+  remove(): void;
+}
+
+/** Makes a CA and a server certificate (SAN IP:127.0.0.1, DNS:localhost) with openssl. */
+export function makeCerts(): TestCerts {
+  requireBinary("openssl");
+  const dir = tempDir("tls");
+  const path = (name: string) => join(dir.path, name);
+  const run = (args: string[]) =>
+    execFileSync("openssl", args, { stdio: ["ignore", "pipe", "pipe"] });
+  run([
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=genesis-lock test CA",
+    "-keyout",
+    path("ca.key"),
+    "-out",
+    path("ca.pem"),
+  ]);
+  run([
+    "req",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-subj",
+    "/CN=127.0.0.1",
+    "-keyout",
+    path("server.key"),
+    "-out",
+    path("server.csr"),
+  ]);
+  writeFileSync(
+    path("san.cnf"),
+    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+  );
+  run([
+    "x509",
+    "-req",
+    "-in",
+    path("server.csr"),
+    "-CA",
+    path("ca.pem"),
+    "-CAkey",
+    path("ca.key"),
+    "-CAcreateserial",
+    "-days",
+    "2",
+    "-extfile",
+    path("san.cnf"),
+    "-out",
+    path("server.pem"),
+  ]);
+  return {
+    dir: dir.path,
+    ca: path("ca.pem"),
+    cert: path("server.pem"),
+    key: path("server.key"),
+    caPem: readFileSync(path("ca.pem"), "utf8"),
+    remove: dir.remove,
+  };
 }
 
 /** One etcd member of a test cluster. */
@@ -237,6 +337,36 @@ export class EtcdCluster implements AsyncDisposable {
       env: { ...process.env, ETCDCTL_API: "3" },
       stdio: ["ignore", "pipe", "pipe"],
     });
+  }
+
+  /** Starts a long-running etcdctl (such as `lock NAME`) against the cluster. */
+  spawnEtcdctl(args: string[]): Child {
+    const tls = this.#options.tls;
+    const flags = [`--endpoints=${this.members.map((m) => m.endpoint).join(",")}`];
+    if (tls) flags.push(`--cacert=${tls.ca}`);
+    return new Child("etcdctl", [...flags, ...args], { env: { ETCDCTL_API: "3" } });
+  }
+
+  /** The index of the current leader, asked of the members that are up. */
+  leader(): number {
+    const up = this.members.filter((m) => m.child !== undefined).map((m) => m.endpoint);
+    const out = execFileSync("etcdctl", [
+      `--endpoints=${up.join(",")}`,
+      "endpoint",
+      "status",
+      "-w",
+      "json",
+    ], {
+      encoding: "utf8",
+      env: { ...process.env, ETCDCTL_API: "3" },
+    });
+    const statuses = JSON.parse(out) as {
+      Endpoint: string;
+      Status: { header: { member_id: number }; leader: number };
+    }[];
+    const leader = statuses.find((s) => s.Status.header.member_id === s.Status.leader);
+    if (!leader) throw new Error(`No leader among ${up.join(", ")}`);
+    return this.members.findIndex((m) => m.endpoint === leader.Endpoint);
   }
 
   /** Stops member `i` (SIGKILL: a crash, not a clean leave). */

@@ -43,3 +43,14 @@ export function collectGarbage(): void {
   }
   gc();
 }
+
+/** What `promise` resolves, or `fallback` if it has not settled within `ms`. */
+export async function within<T, F>(promise: Promise<T>, ms: number, fallback: F): Promise<T | F> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<F>((resolve) => timer = setTimeout(() => resolve(fallback), ms));
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
