@@ -6,7 +6,7 @@ import { Etcd3 } from "etcd3";
 import { type Lease, LockConnectionError, New } from "../mod.ts";
 import { createEtcdLocker } from "../backends/etcd.ts";
 import { conformance } from "./_conformance.ts";
-import { Child, EtcdCluster, freePort, runScript } from "./_servers.ts";
+import { type Child, EtcdCluster, freePort, runScript } from "./_servers.ts";
 import { isPending, prefix, sleep, until, within } from "./_util.ts";
 
 let cluster: EtcdCluster;
