@@ -108,7 +108,11 @@ function translate(error: unknown, action: string, username: string, password: s
   if (error instanceof EtcdPermissionDeniedError) {
     return new LockPermissionError(`${action}: permission denied by etcd`, { cause });
   }
-  if (error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError) {
+  // npm:etcd3's circuit breaker opens after a member failed three calls in a row.
+  const broken = (error as { isBrokenCircuitError?: boolean } | undefined)?.isBrokenCircuitError;
+  if (
+    error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError || broken
+  ) {
     return new LockConnectionError(`${action}: etcd is unreachable: ${cause.message}`, { cause });
   }
   return new LockError(`${action}: ${cause.message}`, { cause });

@@ -1,0 +1,150 @@
+// etcd under faults: a paused holder process, and members of a 3-member
+// cluster killed while a lock is held and another waits.
+
+import { after, before, describe, it } from "./_bdd.ts";
+import assert from "node:assert/strict";
+import { Etcd3 } from "etcd3";
+import { LockLostError, New } from "../mod.ts";
+import { EtcdCluster, runScript } from "./_servers.ts";
+import { prefix, sleep, until } from "./_util.ts";
+
+const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
+
+/** Counts the keys under `name + "/"`. */
+function queueLength(client: Etcd3, name: string): Promise<number> {
+  return client.getAll().prefix(`${name}/`).count();
+}
+
+describe("etcd: a holder process paused past its TTL", () => {
+  let cluster: EtcdCluster;
+  let probe: Etcd3;
+  before(async () => {
+    cluster = await EtcdCluster.start();
+    probe = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
+  });
+  after(async () => {
+    probe.close();
+    await cluster.stop();
+  });
+
+  it("loses the lock to another process and sees the loss on its first turn after SIGCONT", async () => {
+    const name = prefix("paused");
+    const child = runScript(fixture, ["hold", "etcd", cluster.endpoints.join(","), name, "1000"]);
+    try {
+      const [, token] = await child.waitFor(/HELD (\d+)/, 20_000);
+      await child.waitFor(/TICK false/);
+      child.signal("SIGSTOP");
+      await sleep(100); // let the pipe deliver what the child printed before it stopped
+      const mark = child.output.length;
+      const locker = New({ endpoints: cluster.endpoints });
+      const started = performance.now();
+      const lease = await locker.lock(name, { timeout: 10_000 });
+      const waited = performance.now() - started;
+      assert.ok(lease.token > BigInt(token), `token ${lease.token} after ${token}`);
+      assert.ok(
+        waited < 5_000,
+        `the paused holder's 1 s lease kept the lock ${waited.toFixed(0)} ms`,
+      );
+      child.signal("SIGCONT");
+      await child.waitFor(/LOST/, 5_000);
+      const resumed = child.output.slice(mark).trim().split("\n");
+      assert.match(
+        resumed[0],
+        /^LOST Lost lock ".*": no keepalive was acknowledged/,
+        resumed.join("\n"),
+      );
+      assert.ok(
+        !resumed.includes("TICK false"),
+        "the paused holder still believed it held the lock",
+      );
+      await lease.release();
+      await locker.close();
+    } finally {
+      await child.stop();
+    }
+  });
+});
+
+describe("etcd: a 3-member cluster losing members", () => {
+  let cluster: EtcdCluster;
+  let probe: Etcd3;
+  before(async () => {
+    cluster = await EtcdCluster.start({ members: 3 });
+    probe = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
+  });
+  after(async () => {
+    probe.close();
+    await cluster.stop();
+  });
+
+  /** Samples both lockers every 20 ms and fails if both ever count as holder. */
+  function watchExclusion(held: { signal: AbortSignal }, waiting: Promise<unknown>) {
+    let waiterHolds = false;
+    let overlaps = 0;
+    waiting.then(() => waiterHolds = true, () => {});
+    const timer = setInterval(() => {
+      if (waiterHolds && !held.signal.aborted) overlaps++;
+    }, 20);
+    return {
+      get waiterHolds() {
+        return waiterHolds;
+      },
+      stop() {
+        clearInterval(timer);
+        return overlaps;
+      },
+    };
+  }
+
+  it("keeps the holder's lock when keepalive recovers through another member after the leader dies", async () => {
+    const name = prefix("leader");
+    const holder = New({ endpoints: cluster.endpoints, ttl: 3_000 });
+    const other = New({ endpoints: cluster.endpoints, ttl: 3_000 });
+    const held = await holder.lock(name);
+    const waiting = other.lock(name, { timeout: 60_000 });
+    await until(async () => (await queueLength(probe, name)) === 2, 5_000, "the waiter to queue");
+    const exclusion = watchExclusion(held, waiting);
+    const leader = cluster.leader();
+    await cluster.killMember(leader);
+    await sleep(6_000); // two lease TTLs without the old leader
+    assert.equal(held.signal.aborted, false, `the holder lost its lock: ${held.signal.reason}`);
+    assert.equal(exclusion.waiterHolds, false, "the waiter acquired while the holder still held");
+    await held.release();
+    const next = await waiting;
+    assert.equal(exclusion.stop(), 0, "two holders at once");
+    assert.ok(next.token > held.token);
+    await Promise.all([holder.close(), other.close()]);
+    await cluster.startMember(leader);
+  });
+
+  it("aborts the holder's signal by its deadline when quorum is lost; the waiter acquires once it is back", async () => {
+    const name = prefix("quorum");
+    const holder = New({ endpoints: cluster.endpoints, ttl: 2_000 });
+    // The waiter's session outlives the outage, so it stays queued.
+    const other = New({ endpoints: cluster.endpoints, ttl: 15_000 });
+    const held = await holder.lock(name);
+    const waiting = other.lock(name, { timeout: 60_000 });
+    await until(async () => (await queueLength(probe, name)) === 2, 5_000, "the waiter to queue");
+    const exclusion = watchExclusion(held, waiting);
+    const lost = new Promise((resolve) => held.signal.addEventListener("abort", resolve));
+    const down = [0, 1, 2].filter((i) => i !== cluster.leader()).slice(0, 1);
+    down.push(cluster.leader());
+    const killedAt = performance.now();
+    await Promise.all(down.map((i) => cluster.killMember(i)));
+    await lost;
+    const after = performance.now() - killedAt;
+    assert.ok(held.signal.reason instanceof LockLostError);
+    // The deadline is at most one TTL after the last acknowledged keepalive.
+    assert.ok(
+      after <= 2_000 + 250,
+      `the signal aborted ${after.toFixed(0)} ms after quorum was lost`,
+    );
+    assert.equal(exclusion.waiterHolds, false);
+    for (const i of down) await cluster.startMember(i);
+    const next = await waiting;
+    assert.equal(exclusion.stop(), 0, "two holders at once");
+    assert.ok(next.token > held.token);
+    await held.release();
+    await Promise.all([holder.close(), other.close()]);
+  });
+});
