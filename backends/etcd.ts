@@ -108,6 +108,14 @@ function translate(error: unknown, action: string, username: string, password: s
   if (error instanceof EtcdPermissionDeniedError) {
     return new LockPermissionError(`${action}: permission denied by etcd`, { cause });
   }
+  if (/servername.*IP address|ServerName to an IP address/i.test(cause.message)) {
+    // Deno's and Bun's TLS refuse an IP address as server name (Node only warns).
+    return new LockConnectionError(
+      `${action}: this runtime's TLS refuses an IP address as server name: ` +
+        `set tls.serverName to a DNS name in the server's certificate`,
+      { cause },
+    );
+  }
   // npm:etcd3's circuit breaker opens after a member failed three calls in a row.
   const broken = (error as { isBrokenCircuitError?: boolean } | undefined)?.isBrokenCircuitError;
   if (

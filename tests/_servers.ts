@@ -33,10 +33,10 @@ export function requireBinary(binary: string): string {
  * Runs a TypeScript file in a child process of the runtime running the tests
  * (Deno or Bun).
  */
-export function runScript(script: string, args: string[]): Child {
+export function runScript(script: string, args: string[], env: Record<string, string> = {}): Child {
   const deno = (globalThis as { Deno?: unknown }).Deno !== undefined;
   const runtimeArgs = deno ? ["run", "--allow-all", script, ...args] : [script, ...args];
-  return new Child(process.execPath, runtimeArgs);
+  return new Child(process.execPath, runtimeArgs, { env });
 }
 
 /** A free TCP port on 127.0.0.1 (free when asked; the OS picks it). */
@@ -149,6 +149,8 @@ export interface TestCerts {
   cert: string;
   key: string;
   caPem: string;
+  certPem: string;
+  keyPem: string;
   remove(): void;
 }
 
@@ -213,6 +215,8 @@ export function makeCerts(): TestCerts {
     cert: path("server.pem"),
     key: path("server.key"),
     caPem: readFileSync(path("ca.pem"), "utf8"),
+    certPem: readFileSync(path("server.pem"), "utf8"),
+    keyPem: readFileSync(path("server.key"), "utf8"),
     remove: dir.remove,
   };
 }
@@ -230,7 +234,11 @@ export interface EtcdMember {
 export interface EtcdOptions {
   /** How many members (1 or 3). */
   members?: number;
-  /** Client TLS: the server's certificate and key files, and the CA that signed them. */
+  /**
+   * Client TLS: the server's certificate and key files, and the CA that
+   * signed them; with `clientCertAuth`, clients must show a certificate that
+   * CA signed.
+   */
   tls?: { cert: string; key: string; ca: string; clientCertAuth?: boolean };
 }
 
@@ -313,8 +321,9 @@ export class EtcdCluster implements AsyncDisposable {
     ];
     const tls = this.#options.tls;
     if (tls) {
-      args.push("--cert-file", tls.cert, "--key-file", tls.key, "--trusted-ca-file", tls.ca);
-      if (tls.clientCertAuth) args.push("--client-cert-auth");
+      args.push("--cert-file", tls.cert, "--key-file", tls.key);
+      // etcd 3.4 demands a client certificate whenever it has a trusted CA file.
+      if (tls.clientCertAuth) args.push("--trusted-ca-file", tls.ca, "--client-cert-auth");
     }
     member.child = new Child("etcd", args);
     const child = member.child;
