@@ -44,7 +44,6 @@ import {
   type IOptions,
   type IRangeRequest,
   type IResponseHeader,
-  type Watcher,
 } from "etcd3";
 import { type ClientRef, Connector } from "../connector.ts";
 import {
@@ -70,6 +69,7 @@ import {
   resolveOptions,
 } from "../_options.ts";
 import { scrub } from "../_scrub.ts";
+import { endStream, type Watch, WatchHub } from "./_etcd_watch.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
 
@@ -138,15 +138,6 @@ function prefixEnd(prefix: Buffer): Buffer {
   return Buffer.from([0]);
 }
 
-/** What this module tracks of a client it made. */
-interface ClientState {
-  closed: boolean;
-  /** Watches open through this module. */
-  watchers: number;
-}
-
-const clientStates = new WeakMap<Etcd3, ClientState>();
-
 /** The client calls the protocol makes, each with the connection's deadline. */
 class Calls {
   readonly client: Etcd3;
@@ -159,27 +150,6 @@ class Calls {
     this.#timeout = timeout;
     this.#username = username;
     this.#password = password;
-  }
-
-  /** Opens a watch on `key`, from `startRevision` or (if omitted) from now. */
-  async watch(key: Buffer | string, startRevision?: string): Promise<Watcher> {
-    const state = clientStates.get(this.client);
-    const builder = this.client.watch().key(key);
-    if (startRevision !== undefined) builder.startRevision(startRevision);
-    if (state) state.watchers++;
-    try {
-      return await builder.create();
-    } catch (error) {
-      if (state) state.watchers--;
-      throw error;
-    }
-  }
-
-  /** Cancels a watch opened by {@linkcode Calls.watch}. Never throws. */
-  unwatch(watcher: Watcher): void {
-    const state = clientStates.get(this.client);
-    if (state) state.watchers--;
-    watcher.cancel().catch(() => {});
   }
 
   /** Wraps a failure in a typed error that names `action` and holds no secret. */
@@ -229,7 +199,7 @@ class Calls {
       return await Promise.race([reply, timeout]);
     } finally {
       clearTimeout(timer);
-      stream?.end();
+      endStream(stream);
     }
   }
 }
@@ -434,9 +404,11 @@ class Acquisition {
   readonly #prefix: Buffer;
   readonly #key: string;
   readonly #retryInterval: number;
+  readonly #hub: WatchHub;
 
-  constructor(calls: Calls, session: Session, name: string, retryInterval: number) {
+  constructor(calls: Calls, hub: WatchHub, session: Session, name: string, retryInterval: number) {
     this.#calls = calls;
+    this.#hub = hub;
     this.#session = session;
     this.#name = name;
     this.#prefix = Buffer.from(`${name}/`);
@@ -570,18 +542,23 @@ class Acquisition {
     signal.addEventListener("abort", onAbort, { once: true });
     if (signal.aborted) onAbort();
     if (this.#session.signal.aborted) onLost();
-    let watcher: Watcher | undefined;
+    let watch: Watch | undefined;
     try {
       const gone = new Promise<void>((resolve) => {
-        this.#calls.watch(kv.key).then((w) => {
-          if (stop.signal.aborted) return this.#calls.unwatch(w);
-          watcher = w;
-          w.on("delete", () => resolve());
-          w.on("put", (put) => {
-            if (put.create_revision !== kv.create_revision) resolve();
-          });
+        this.#hub.watch(kv.key, undefined, {
+          onEvents: (events) => {
+            if (
+              events.some((e) => e.type === "Delete" || e.kv.create_revision !== kv.create_revision)
+            ) {
+              resolve();
+            }
+          },
+          onError: () => {}, // the poll below carries on
+        }).then((w) => {
+          if (stop.signal.aborted) return w.cancel();
+          watch = w;
           // The watch is in place: a read now sees any delete it missed.
-          void this.#stillThere(kv).then((there) => there || resolve(), () => {});
+          this.#stillThere(kv).then((there) => there || resolve(), () => {});
         }, () => {});
       });
       const polled = (async () => {
@@ -595,7 +572,7 @@ class Acquisition {
       stop.abort();
       this.#session.signal.removeEventListener("abort", onLost);
       signal.removeEventListener("abort", onAbort);
-      if (watcher) this.#calls.unwatch(watcher);
+      watch?.cancel();
     }
   }
 
@@ -611,13 +588,16 @@ class Acquisition {
    */
   hold(revision: string, header: IResponseHeader, release: () => Promise<void>): Grant {
     const controller = new AbortController();
+    const key = Buffer.from(this.#key);
     let ended = false;
-    let watcher: Watcher | undefined;
+    let watch: Watch | undefined;
+    let retry: ReturnType<typeof setTimeout> | undefined;
     const end = () => {
       ended = true;
       this.#session.signal.removeEventListener("abort", onSessionLost);
-      if (watcher) this.#calls.unwatch(watcher);
-      watcher = undefined;
+      clearTimeout(retry);
+      watch?.cancel();
+      watch = undefined;
     };
     const lose = (reason: LockLostError) => {
       if (ended) return;
@@ -628,16 +608,42 @@ class Acquisition {
       lose(new LockLostError(this.#name, String(this.#session.signal.reason)));
     this.#session.signal.addEventListener("abort", onSessionLost, { once: true });
     if (this.#session.signal.aborted) onSessionLost();
-    this.#calls.watch(this.#key, String(BigInt(header.revision) + 1n)).then((w) => {
-      if (ended) return this.#calls.unwatch(w);
-      watcher = w;
-      w.on("delete", () => lose(new LockLostError(this.#name, "its key was deleted")));
-      w.on("put", (kv) => {
-        if (kv.create_revision !== revision) {
-          lose(new LockLostError(this.#name, "its key was replaced"));
+    // From the revision after the one we last saw our key at, so nothing in
+    // between is missed; after a broken stream, read the key and start again.
+    const watchFrom = (from: string) => {
+      this.#hub.watch(key, from, {
+        onEvents: (events) => {
+          for (const event of events) {
+            if (event.type === "Delete") lose(new LockLostError(this.#name, "its key was deleted"));
+            else if (event.kv.create_revision !== revision) {
+              lose(new LockLostError(this.#name, "its key was replaced"));
+            }
+          }
+        },
+        onError: () => resync(),
+      }).then((w) => {
+        if (ended) return w.cancel();
+        watch = w;
+      }, () => resync());
+    };
+    const resync = () => {
+      watch = undefined;
+      if (ended) return;
+      retry = setTimeout(async () => {
+        try {
+          const response = await this.#calls.range({ key });
+          const now = response.kvs[0];
+          if (now === undefined) return lose(new LockLostError(this.#name, "its key was deleted"));
+          if (now.create_revision !== revision) {
+            return lose(new LockLostError(this.#name, "its key was replaced"));
+          }
+          if (!ended) watchFrom(String(BigInt(response.header.revision) + 1n));
+        } catch {
+          resync();
         }
-      });
-    }, () => {});
+      }, this.#retryInterval);
+    };
+    watchFrom(String(BigInt(header.revision) + 1n));
     return {
       token: BigInt(revision),
       signal: controller.signal,
@@ -662,11 +668,13 @@ class EtcdDriver implements Driver {
   readonly #onClose: () => Promise<void>;
   #shared?: Promise<Session>;
   readonly #sessions = new Set<Session>();
+  readonly #hub: WatchHub;
 
   constructor(calls: Calls, settings: LeaseSettings, onClose: () => Promise<void>) {
     this.#calls = calls;
     this.#settings = settings;
     this.#onClose = onClose;
+    this.#hub = new WatchHub(calls.client);
   }
 
   async #grant(): Promise<Session> {
@@ -702,7 +710,13 @@ class EtcdDriver implements Driver {
     let session: Session | undefined;
     try {
       session = await abortable(shared ? this.#sharedSession() : this.#grant(), signal);
-      const acquisition = new Acquisition(this.#calls, session, key, this.#settings.retryInterval);
+      const acquisition = new Acquisition(
+        this.#calls,
+        this.#hub,
+        session,
+        key,
+        this.#settings.retryInterval,
+      );
       const started = performance.now();
       const won = await acquisition.run(wait, signal);
       if (won === undefined) {
@@ -736,44 +750,19 @@ class EtcdDriver implements Driver {
 
   async close(): Promise<void> {
     await Promise.all([...this.#sessions].map((session) => session.close()));
+    await this.#hub.close();
     await this.#onClose();
   }
 }
 
-/**
- * The watch stream's reconnect delay: exponential up to 5 s while watches
- * are open. npm:etcd3 schedules a reconnect even when it ended the stream
- * itself (its last watcher was cancelled, or the client closed); a zero delay
- * then lets that no-op timer run out at once instead of holding the process.
- */
-class WatchBackoff {
-  readonly #state: ClientState;
-  readonly #attempt: number;
-
-  constructor(state: ClientState, attempt = 0) {
-    this.#state = state;
-    this.#attempt = attempt;
-  }
-
-  get duration(): number {
-    if (this.#state.closed || this.#state.watchers === 0) return 0;
-    return Math.min(5_000, 50 * 2 ** this.#attempt);
-  }
-
-  next(): WatchBackoff {
-    return new WatchBackoff(this.#state, this.#attempt + 1);
-  }
-}
-
 /** The npm:etcd3 options for a connection config. */
-function clientOptions(config: ConnectionConfig, state: ClientState): IOptions {
+function clientOptions(config: ConnectionConfig): IOptions {
   const scheme = config.tls === false ? "http" : "https";
   const options: IOptions = {
     hosts: config.endpoints.map((endpoint) =>
       /^https?:\/\//.test(endpoint) ? endpoint : `${scheme}://${endpoint}`
     ),
     dialTimeout: config.dialTimeout,
-    faultHandling: { watchBackoff: new WatchBackoff(state) },
   };
   if (config.username !== "" || config.password !== "") {
     options.auth = { username: config.username, password: config.password };
@@ -797,9 +786,7 @@ function clientOptions(config: ConnectionConfig, state: ClientState): IOptions {
  * does not cache it.
  */
 async function connect(config: ConnectionConfig): Promise<Etcd3> {
-  const state: ClientState = { closed: false, watchers: 0 };
-  const client = new Etcd3(clientOptions(config, state));
-  clientStates.set(client, state);
+  const client = new Etcd3(clientOptions(config));
   const where = config.endpoints.join(", ");
   const calls = new Calls(client, config.dialTimeout, config.username, config.password);
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -830,8 +817,6 @@ async function connect(config: ConnectionConfig): Promise<Etcd3> {
 }
 
 function closeClient(client: Etcd3): Promise<void> {
-  const state = clientStates.get(client);
-  if (state) state.closed = true;
   client.close();
   return Promise.resolve();
 }

@@ -22,8 +22,6 @@ async function queue(name: string): Promise<{ key: string; rev: bigint; lease: s
   }));
 }
 
-const zeroBackoff = { duration: 0, next: () => zeroBackoff };
-
 const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
 describe("etcd backend", () => {
@@ -225,11 +223,7 @@ describe("etcd backend", () => {
 
   describe("createEtcdLocker() on a client the caller owns", () => {
     it("locks with the caller's client and never closes it", async () => {
-      const client = new Etcd3({
-        hosts: cluster.endpoints.map((e) => `http://${e}`),
-        // npm:etcd3 re-arms a watch reconnect timer after close(); keep it at 0 ms here.
-        faultHandling: { watchBackoff: zeroBackoff },
-      });
+      const client = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
       const locker = createEtcdLocker(client, { ttl: 2_000 });
       const name = prefix("owned");
       const lease = await locker.lock(name);
