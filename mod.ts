@@ -53,6 +53,14 @@ export {
  * names the field and what was received.
  * @throws {RangeError} A number out of range.
  *
+ * @example etcd at 127.0.0.1:2379, as the Go design's lock.New(nil)
+ * ```ts ignore
+ * import { New } from "@genesis/lock";
+ *
+ * const locker = New(); // nothing is connected until the first call
+ * await using lease = await locker.lock("/jobs/nightly-report");
+ * ```
+ *
  * @example A memory locker with a 30 s lease
  * ```ts
  * import { New } from "@genesis/lock";
