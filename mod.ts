@@ -84,9 +84,9 @@ export function New(options?: Options): Locker {
       return new DriverLocker(async (owner) =>
         (await import("./backends/etcd.ts")).openSharedDriver(resolved, owner)
       );
-    default:
-      throw new TypeError(
-        `Invalid option "backend": "${resolved.backend}" is not available in this version`,
+    case "redis":
+      return new DriverLocker(async (owner) =>
+        (await import("./backends/redis.ts")).openSharedDriver(resolved, owner)
       );
   }
 }

@@ -13,7 +13,7 @@ const PACKAGES: Record<string, string> = {
   etcd: "etcd-server",
   etcdctl: "etcd-client",
   "redis-server": "redis-server",
-  "redis-cli": "redis-tools",
+  "redis-cli": "redis-tools (a dependency of redis-server)",
   openssl: "openssl",
 };
 
@@ -389,6 +389,116 @@ export class EtcdCluster implements AsyncDisposable {
   /** Stops every member and removes the data. */
   async stop(): Promise<void> {
     await Promise.all(this.members.map((m) => m.child?.stop()));
+    this.#dir.remove();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+}
+
+/** Options of {@linkcode RedisServer.start}. */
+export interface RedisOptions {
+  /** Extra redis-server arguments, such as `["--appendonly", "yes"]`. */
+  args?: string[];
+  /** TLS only, on the port: the server's certificate and key, and the CA. */
+  tls?: { cert: string; key: string; ca: string };
+}
+
+/** A redis-server on a free loopback port, in a temporary folder. */
+export class RedisServer implements AsyncDisposable {
+  readonly port: number;
+  readonly #dir = tempDir("redis");
+  readonly #options: RedisOptions;
+  child?: Child;
+
+  private constructor(port: number, options: RedisOptions) {
+    this.port = port;
+    this.#options = options;
+  }
+
+  /** Starts a server and waits until it accepts connections. */
+  static async start(options: RedisOptions = {}): Promise<RedisServer> {
+    requireBinary("redis-server");
+    const server = new RedisServer(await freePort(), options);
+    try {
+      await server.restart();
+    } catch (error) {
+      await server.stop();
+      throw error;
+    }
+    return server;
+  }
+
+  /** `127.0.0.1:port`. */
+  get endpoint(): string {
+    return `127.0.0.1:${this.port}`;
+  }
+
+  /** The data folder (for AOF and RDB files). */
+  get dir(): string {
+    return this.#dir.path;
+  }
+
+  /** Starts the server (again, after stop() or kill()), with the same data folder. */
+  async restart(): Promise<void> {
+    const tls = this.#options.tls;
+    const port = tls
+      ? [
+        "--port",
+        "0",
+        "--tls-port",
+        String(this.port),
+        "--tls-cert-file",
+        tls.cert,
+        "--tls-key-file",
+        tls.key,
+        "--tls-ca-cert-file",
+        tls.ca,
+        "--tls-auth-clients",
+        "no",
+      ]
+      : ["--port", String(this.port)];
+    const child = new Child("redis-server", [
+      ...port,
+      "--bind",
+      "127.0.0.1",
+      "--dir",
+      this.#dir.path,
+      "--save",
+      "",
+      "--appendonly",
+      "no",
+      ...(this.#options.args ?? []),
+    ]);
+    this.child = child;
+    await waitFor("redis-server", () => /Ready to accept connections/.test(child.output), child);
+  }
+
+  /** Stops the server: SIGTERM (it writes its AOF) or SIGKILL (a crash). */
+  async shutdown(signal: "SIGTERM" | "SIGKILL" = "SIGTERM"): Promise<void> {
+    const child = this.child;
+    if (!child) return;
+    this.child = undefined;
+    if (signal === "SIGKILL") {
+      child.signal("SIGKILL");
+      await child.exited;
+    } else {
+      await child.stop();
+    }
+  }
+
+  /** Runs redis-cli against the server and returns its output. */
+  cli(args: string[]): string {
+    requireBinary("redis-cli");
+    return execFileSync("redis-cli", ["-h", "127.0.0.1", "-p", String(this.port), ...args], {
+      encoding: "utf8",
+    }).trim();
+  }
+
+  /** Stops the server and removes its folder. */
+  async stop(): Promise<void> {
+    await this.shutdown();
     this.#dir.remove();
   }
 

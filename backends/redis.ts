@@ -1,0 +1,789 @@
+/**
+ * The Redis backend, on npm:ioredis: a fenced lock whose release is
+ * published, so waiters in any process try again at once instead of polling.
+ * One endpoint is one Redis; several independent endpoints mean the Redlock
+ * quorum.
+ *
+ * Keys of the lock `NAME` (all share the hash tag `{NAME}`, so the layout
+ * works on Redis Cluster):
+ *
+ * | key                   | holds                                                  |
+ * | --------------------- | ------------------------------------------------------ |
+ * | `lock:{NAME}`         | the holder's random token, with a PX expiry of `ttl`   |
+ * | `lock:{NAME}:fence`   | the fencing counter, incremented by every acquisition  |
+ * | `lock:{NAME}:released`| (a channel) the token of each release, for waiters     |
+ *
+ * Fencing tokens are monotonic only while Redis keeps the counter: use AOF
+ * with `appendfsync always` and no asynchronous failover, or a restart can
+ * hand out a token again.
+ *
+ * @example A locker on a client you own
+ * ```ts ignore
+ * import { Redis } from "npm:ioredis@^6.0.0";
+ * import { createRedisLocker } from "@genesis/lock/redis";
+ *
+ * const redis = new Redis({ host: "127.0.0.1", port: 6379 });
+ * const locker = createRedisLocker(redis, { ttl: 10_000 });
+ * await locker.withLock("/jobs/nightly-report", async (lease) => {
+ *   console.log("fencing token", lease.token);
+ * });
+ * await locker.close();
+ * redis.disconnect();
+ * ```
+ *
+ * @module
+ */
+
+import { Redis, type RedisOptions } from "ioredis";
+import { type ClientRef, Connector } from "../connector.ts";
+import {
+  LockAuthError,
+  LockConnectionError,
+  LockError,
+  LockLostError,
+  LockPermissionError,
+} from "../errors.ts";
+import { abortable, type Driver, DriverLocker, type Grant, type Locker } from "../_locker.ts";
+import {
+  type ConnectionConfig,
+  type LeaseSettings,
+  type Options,
+  type ResolvedOptions,
+  resolveOptions,
+} from "../_options.ts";
+import { scrub } from "../_scrub.ts";
+export type { Lease, Locker, LockOptions } from "../_locker.ts";
+export type { Options } from "../_options.ts";
+
+/**
+ * The client {@linkcode createRedisLocker} takes: an ioredis `Redis` or
+ * `Cluster`, described by the parts this backend uses.
+ */
+export interface RedisClient {
+  /** Runs a cached script. */
+  evalsha(...args: never[]): unknown;
+  /** Runs a script. */
+  eval(...args: never[]): unknown;
+  /** A new connection with the same options, for the subscriber. */
+  duplicate(...args: never[]): unknown;
+}
+
+/** Options of {@linkcode createRedisLocker}: the lease settings of `Options`. */
+export type RedisLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
+
+// KEYS: lock, fence. ARGV: token, ttl ms. Acquires and counts, or reports the wait.
+const ACQUIRE = `
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('INCR', KEYS[2])}
+end
+return {0, redis.call('PTTL', KEYS[1])}`;
+
+// KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
+const RELEASE = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[1])
+  return 1
+end
+return 0`;
+
+// KEYS: lock. ARGV: token, ttl ms. Fenced extend.
+const RENEW = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0`;
+
+// KEYS: fence. ARGV: token value. Raises the counter to at least the value
+// (Redlock: a later majority then counts past every earlier holder's token).
+const RAISE = `
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1`;
+
+/** The keys and channel of one lock. */
+function keysOf(name: string) {
+  const base = `lock:{${name}}`;
+  return { name, lock: base, fence: `${base}:fence`, channel: `${base}:released` };
+}
+
+/** A random token: 128 bits from Web Crypto, as hex. */
+function randomToken(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+const shas = new Map<string, Promise<string>>();
+
+/** The SHA-1 of a script, as EVALSHA wants it. */
+function sha1(script: string): Promise<string> {
+  let sha = shas.get(script);
+  if (sha === undefined) {
+    sha = crypto.subtle.digest("SHA-1", new TextEncoder().encode(script)).then((digest) =>
+      Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("")
+    );
+    shas.set(script, sha);
+  }
+  return sha;
+}
+
+/** What a client's failure means to a caller. */
+function translate(
+  error: unknown,
+  action: string,
+  where: string,
+  secrets: readonly string[],
+): LockError {
+  if (error instanceof LockError) return error;
+  const cause = scrub(error, secrets);
+  const text = cause.message;
+  if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
+    return new LockAuthError(`${action}: Redis at ${where} rejected the credentials: ${text}`, {
+      cause,
+    });
+  }
+  if (/^NOPERM/.test(text)) {
+    return new LockPermissionError(`${action}: permission denied by Redis at ${where}: ${text}`, {
+      cause,
+    });
+  }
+  if (
+    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|Connection is closed|Stream isn't writeable|connect|MaxRetriesPerRequest|Reached the max retries|socket|TLS|certificate|SSL/i
+      .test(text)
+  ) {
+    return new LockConnectionError(`${action}: Redis at ${where} is unreachable: ${text}`, {
+      cause,
+    });
+  }
+  return new LockError(`${action}: Redis at ${where} answered: ${text}`, { cause });
+}
+
+type Listener = () => void;
+
+/** One subscriber connection's channels, shared by every waiter on one instance. */
+class Subscriptions {
+  readonly #make: () => Redis;
+  #subscriber?: Redis;
+  readonly #listeners = new Map<string, Set<Listener>>();
+
+  constructor(make: () => Redis) {
+    this.#make = make;
+  }
+
+  #connection(): Redis {
+    if (this.#subscriber === undefined) {
+      const subscriber = this.#make();
+      subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
+      subscriber.on("message", (channel: string) => {
+        for (const listener of this.#listeners.get(channel) ?? []) listener();
+      });
+      this.#subscriber = subscriber;
+    }
+    return this.#subscriber;
+  }
+
+  /**
+   * Calls `listener` on every message on `channel` until the returned
+   * function is called. Resolves once Redis confirmed the subscription, or
+   * after `within` ms (waiters then rely on polling until it is in place).
+   */
+  async add(channel: string, listener: Listener, within: number): Promise<() => void> {
+    let listeners = this.#listeners.get(channel);
+    const first = listeners === undefined;
+    if (listeners === undefined) {
+      listeners = new Set();
+      this.#listeners.set(channel, listeners);
+    }
+    listeners.add(listener);
+    const remove = () => {
+      const set = this.#listeners.get(channel);
+      if (set === undefined || !set.delete(listener) || set.size > 0) return;
+      this.#listeners.delete(channel);
+      this.#subscriber?.unsubscribe(channel).catch(() => {});
+    };
+    if (first) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<void>((resolve) => timer = setTimeout(resolve, within));
+      await Promise.race([this.#connection().subscribe(channel).catch(() => {}), late]);
+      clearTimeout(timer);
+    }
+    return remove;
+  }
+
+  close(): void {
+    this.#listeners.clear();
+    this.#subscriber?.disconnect();
+    this.#subscriber = undefined;
+  }
+}
+
+/** One Redis: its client, its subscriber, and how to name it in messages. */
+interface Instance {
+  readonly name: string;
+  readonly client: Redis;
+  readonly subscriptions: Subscriptions;
+}
+
+/** The instances of one connection config: one Redis, or the Redlock set. */
+class Instances {
+  readonly list: Instance[];
+  readonly #secrets: string[];
+
+  constructor(list: Instance[], secrets: string[]) {
+    this.list = list;
+    this.#secrets = secrets;
+  }
+
+  /** How many instances must agree. */
+  get quorum(): number {
+    return Math.floor(this.list.length / 2) + 1;
+  }
+
+  error(error: unknown, action: string, where: string, token?: string): LockError {
+    return translate(error, action, where, token ? [...this.#secrets, token] : this.#secrets);
+  }
+
+  /** Runs a script by SHA, loading it on NOSCRIPT. */
+  async run(instance: Instance, script: string, keys: string[], args: (string | number)[]) {
+    const sha = await sha1(script);
+    try {
+      return await instance.client.evalsha(sha, keys.length, ...keys, ...args);
+    } catch (error) {
+      if (!String((error as Error)?.message).startsWith("NOSCRIPT")) throw error;
+      return await instance.client.eval(script, keys.length, ...keys, ...args);
+    }
+  }
+
+  close(): void {
+    for (const instance of this.list) instance.subscriptions.close();
+  }
+}
+
+/** What one instance answered to an acquisition attempt. */
+type Answer =
+  | { kind: "acquired"; fence: number }
+  | { kind: "held"; pttl: number }
+  | { kind: "failed"; error: unknown };
+
+/** The clock drift allowed for, as Redlock does: 1% of the TTL plus 2 ms. */
+function drift(ttl: number): number {
+  return Math.floor(ttl * 0.01) + 2;
+}
+
+/** The Redis driver: acquisitions, renewals and releases on one or several instances. */
+class RedisDriver implements Driver {
+  readonly #instances: Instances;
+  readonly #settings: LeaseSettings;
+  readonly #dialTimeout: number;
+  readonly #onClose: () => Promise<void>;
+
+  constructor(
+    instances: Instances,
+    settings: LeaseSettings,
+    dialTimeout: number,
+    onClose: () => Promise<void>,
+  ) {
+    this.#instances = instances;
+    this.#settings = settings;
+    this.#dialTimeout = dialTimeout;
+    this.#onClose = onClose;
+  }
+
+  async acquire(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
+    const keys = keysOf(name);
+    const action = `Cannot acquire lock ${JSON.stringify(name)}`;
+    const token = randomToken();
+    let woken: Listener = () => {};
+    const wake = () => woken();
+    const unsubscribe: (() => void)[] = [];
+    let done = false;
+    try {
+      if (wait) {
+        // Subscribed before the first attempt: a release between a failed
+        // attempt and the wait still wakes us.
+        for (const instance of this.#instances.list) {
+          const adding = instance.subscriptions.add(keys.channel, wake, this.#dialTimeout);
+          // A subscription confirmed after this call gave up is dropped at once.
+          adding.then((remove) => done ? remove() : unsubscribe.push(remove), () => {});
+          await abortable(adding, signal);
+        }
+      }
+      for (;;) {
+        const woke = new Promise<void>((resolve) => woken = resolve);
+        const attempt = await this.#attempt(keys, token, signal, action);
+        if (attempt.grant) return attempt.grant;
+        if (!wait) return undefined;
+        // Wait for a release, or poll: never past the holder's expiry.
+        const poll = Math.max(1, Math.min(this.#settings.retryInterval, attempt.pttl + 1));
+        await this.#sleep(poll, woke, signal);
+      }
+    } finally {
+      done = true;
+      for (const remove of unsubscribe) remove();
+    }
+  }
+
+  /** Resolves after `ms`, or when woken; rejects with the signal's reason. */
+  async #sleep(ms: number, woke: Promise<void>, signal: AbortSignal): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const elapsed = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
+    try {
+      await abortable(Promise.race([elapsed, woke]), signal);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /**
+   * One attempt on every instance at once. Acquired on a quorum within the
+   * validity time: a grant. Otherwise whatever was acquired is released
+   * again, and the shortest remaining PTTL tells how long to wait at most.
+   */
+  async #attempt(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    signal: AbortSignal,
+    action: string,
+  ): Promise<{ grant?: Grant; pttl: number }> {
+    const { ttl } = this.#settings;
+    const instances = this.#instances;
+    const sentAt = performance.now();
+    const answers = Promise.all(instances.list.map(async (instance): Promise<Answer> => {
+      try {
+        const [ok, value] = await instances.run(instance, ACQUIRE, [keys.lock, keys.fence], [
+          token,
+          ttl,
+        ]) as [number, number];
+        return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
+      } catch (error) {
+        return { kind: "failed", error };
+      }
+    }));
+    let results: Answer[];
+    try {
+      results = await abortable(answers, signal);
+    } catch (reason) {
+      // Given up while a SET was in flight (a stalled server, say): when the
+      // answer comes, give back whatever it acquired. No ghost lock.
+      answers.then((late) => this.#releaseWhere(late, keys, token), () => {});
+      throw reason;
+    }
+    const acquired = results.filter((a) => a.kind === "acquired");
+    const validity = ttl - (performance.now() - sentAt) - drift(ttl);
+    if (acquired.length >= instances.quorum && validity > 0) {
+      let fence = Math.max(...acquired.map((a) => a.fence));
+      if (instances.list.length > 1) fence = await this.#raise(results, keys, fence, action);
+      return { grant: this.#hold(keys, token, BigInt(fence), sentAt), pttl: 0 };
+    }
+    await this.#releaseWhere(results, keys, token);
+    const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
+      a.kind === "failed"
+    );
+    const fatal = failed.map((f) => this.#instances.error(f.error, action, "", token))
+      .find((e) => e instanceof LockAuthError || e instanceof LockPermissionError);
+    if (fatal) throw this.#describe(fatal, results, action, token);
+    if (instances.list.length - failed.length < instances.quorum) {
+      throw this.#describe(undefined, results, action, token);
+    }
+    const waits = results.filter((a) => a.kind === "held").map((a) => a.pttl).filter((p) => p > 0);
+    return { pttl: waits.length > 0 ? Math.min(...waits) : this.#settings.retryInterval };
+  }
+
+  /** An error that says what each instance answered. */
+  #describe(
+    fatal: LockError | undefined,
+    results: Answer[],
+    action: string,
+    token: string,
+  ): LockError {
+    const list = this.#instances.list;
+    const parts = results.map((answer, i) => {
+      const where = list[i].name;
+      if (answer.kind === "acquired") return `${where} granted it`;
+      if (answer.kind === "held") return `${where} has it held by another holder`;
+      return `${where}: ${
+        this.#instances.error(answer.error, "", where, token).message.replace(/^: /, "")
+      }`;
+    });
+    const reached = results.filter((a) => a.kind !== "failed").length;
+    if (list.length === 1) {
+      const only = results[0];
+      if (only.kind === "failed") {
+        return this.#instances.error(only.error, action, list[0].name, token);
+      }
+    }
+    const summary =
+      `${action}: ${reached} of ${list.length} Redis instances answered (${this.#instances.quorum} needed): ${
+        parts.join("; ")
+      }`;
+    const options = { cause: fatal?.cause };
+    if (fatal instanceof LockAuthError) return new LockAuthError(summary, options);
+    if (fatal instanceof LockPermissionError) return new LockPermissionError(summary, options);
+    return new LockConnectionError(summary, options);
+  }
+
+  /** Redlock: raises the fencing counter on the acquired instances to the token. */
+  async #raise(
+    results: Answer[],
+    keys: ReturnType<typeof keysOf>,
+    fence: number,
+    action: string,
+  ): Promise<number> {
+    const instances = this.#instances;
+    const raised = await Promise.all(
+      results.map((answer, i) =>
+        answer.kind === "acquired"
+          ? instances.run(instances.list[i], RAISE, [keys.fence], [fence]).then(
+            () => true,
+            () => false,
+          )
+          : false
+      ),
+    );
+    if (raised.filter(Boolean).length < instances.quorum) {
+      throw new LockConnectionError(`${action}: could not record the fencing token on a quorum`);
+    }
+    return fence;
+  }
+
+  async #releaseWhere(results: Answer[], keys: ReturnType<typeof keysOf>, token: string) {
+    await Promise.all(
+      results.map((answer, i) =>
+        answer.kind === "acquired"
+          ? this.#instances.run(this.#instances.list[i], RELEASE, [keys.lock], [
+            token,
+            keys.channel,
+          ])
+            .catch(() => {})
+          : undefined
+      ),
+    );
+  }
+
+  /**
+   * The held lock. Loss is decided locally: the deadline is the send time of
+   * the last acquisition or renewal that a quorum confirmed, plus the TTL,
+   * less the drift allowance, on the monotonic clock. A renewal that Redis
+   * refuses (the key is gone or someone else's) loses the lock at once.
+   */
+  #hold(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    fence: bigint,
+    sentAt: number,
+  ): Grant {
+    const { ttl, autoRenew } = this.#settings;
+    const instances = this.#instances;
+    const name = keys.name;
+    const controller = new AbortController();
+    let deadline = sentAt + ttl - drift(ttl);
+    let ended = false;
+    let lossTimer: ReturnType<typeof setTimeout> | undefined;
+    let renewTimer: ReturnType<typeof setTimeout> | undefined;
+    const end = () => {
+      ended = true;
+      clearTimeout(lossTimer);
+      clearTimeout(renewTimer);
+    };
+    const lose = (detail: string) => {
+      if (ended) return;
+      end();
+      controller.abort(new LockLostError(name, detail));
+    };
+    const checkDeadline = () => {
+      if (!ended && performance.now() >= deadline) {
+        lose(`its ${ttl} ms lease ran out before a renewal was confirmed`);
+      }
+      return ended;
+    };
+    const armLoss = () => {
+      clearTimeout(lossTimer);
+      lossTimer = setTimeout(() => {
+        if (!checkDeadline()) armLoss();
+      }, Math.max(0, deadline - performance.now()));
+    };
+    const renew = async () => {
+      if (checkDeadline()) return;
+      const sent = performance.now();
+      const replies = await Promise.all(
+        instances.list.map((instance) =>
+          instances.run(instance, RENEW, [keys.lock], [token, ttl]).then(
+            (reply) => (reply === 1 ? "renewed" : "refused") as "renewed" | "refused",
+            () => "failed" as const,
+          )
+        ),
+      );
+      if (ended) return;
+      const renewed = replies.filter((r) => r === "renewed").length;
+      const refused = replies.filter((r) => r === "refused").length;
+      if (instances.list.length - refused < instances.quorum) {
+        return lose("its key was deleted or taken over");
+      }
+      if (renewed >= instances.quorum) {
+        deadline = Math.max(deadline, sent + ttl - drift(ttl));
+        armLoss();
+      }
+      // After a failure try again soon; the deadline is what decides loss.
+      renewTimer = setTimeout(
+        renew,
+        renewed >= instances.quorum ? ttl / 3 : Math.min(ttl / 6, 500),
+      );
+    };
+    armLoss();
+    if (autoRenew) renewTimer = setTimeout(renew, ttl / 3);
+    return {
+      token: fence,
+      signal: controller.signal,
+      check: () => void checkDeadline(),
+      release: async () => {
+        end();
+        const replies = await Promise.all(
+          instances.list.map((instance) =>
+            instances.run(instance, RELEASE, [keys.lock], [token, keys.channel]).then(
+              () => undefined,
+              (error) => error,
+            )
+          ),
+        );
+        const errors = replies.filter((e) => e !== undefined);
+        if (instances.list.length - errors.length < instances.quorum) {
+          throw instances.error(
+            errors[0],
+            `Cannot release lock ${JSON.stringify(name)}`,
+            instances.list[replies.indexOf(errors[0])].name,
+            token,
+          );
+        }
+      },
+    };
+  }
+
+  async close(): Promise<void> {
+    await this.#onClose();
+  }
+}
+
+/** host and port of an endpoint. */
+function hostPort(endpoint: string): { host: string; port: number } {
+  const match = /^(?:rediss?:\/\/)?(.+):(\d+)\/?$/.exec(endpoint);
+  return { host: match![1].replace(/^\[|\]$/g, ""), port: Number(match![2]) };
+}
+
+/**
+ * ioredis options that never queue or re-send a command: an acquisition that
+ * timed out during an outage must not run later and leave a ghost lock.
+ */
+function clientOptions(
+  config: ConnectionConfig,
+  endpoint: string,
+  connected: () => boolean,
+): RedisOptions {
+  const { host, port } = hostPort(endpoint);
+  const options: RedisOptions = {
+    host,
+    port,
+    lazyConnect: true,
+    connectTimeout: config.dialTimeout,
+    enableOfflineQueue: false,
+    autoResendUnfulfilledCommands: false,
+    maxRetriesPerRequest: 0,
+    // No retries before the first connection (a wrong password or a dead
+    // endpoint fails at once, no retry storm), backoff to 2 s after it.
+    retryStrategy: (times) => connected() ? Math.min(50 * 2 ** times, 2_000) : null,
+  };
+  if (config.username !== "") options.username = config.username;
+  if (config.password !== "") options.password = config.password;
+  if (config.tls !== false) {
+    options.tls = {
+      ca: config.tls.ca,
+      cert: config.tls.cert,
+      key: config.tls.key,
+      servername: config.tls.serverName,
+    };
+  }
+  return options;
+}
+
+/** Connects one instance and proves the credentials, within `dialTimeout`. */
+async function connectOne(config: ConnectionConfig, endpoint: string): Promise<Redis> {
+  let connected = false;
+  const client = new Redis(clientOptions(config, endpoint, () => connected));
+  const errors: unknown[] = [];
+  client.on("error", (error) => errors.push(error));
+  const action = `Cannot connect to Redis at ${endpoint}`;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(new LockConnectionError(`${action}: no answer within ${config.dialTimeout} ms`)),
+        config.dialTimeout,
+      );
+    });
+    await Promise.race([
+      (async () => {
+        await client.connect().catch((error) => {
+          // ioredis reports a refused AUTH as an error event, then a closed connection.
+          throw errors.find((e) => /WRONGPASS|NOAUTH|NOPERM/.test(String((e as Error)?.message))) ??
+            error;
+        });
+        if (config.password !== "") {
+          // Redis lets a connection go on as "default" after a failed AUTH, and
+          // ioredis only warns when the server wants no password: ask again
+          // and treat any refusal as fatal.
+          const args = config.username !== ""
+            ? [config.username, config.password]
+            : [config.password];
+          await client.call("AUTH", ...args);
+        }
+      })(),
+      timeout,
+    ]);
+    connected = true;
+    return client;
+  } catch (error) {
+    client.disconnect();
+    throw translate(error, action, endpoint, [config.password]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Connects every endpoint: one Redis, or the independent instances of Redlock. */
+async function connect(config: ConnectionConfig): Promise<Instances> {
+  const settled = await Promise.allSettled(config.endpoints.map((e) => connectOne(config, e)));
+  const clients = settled.map((s) => s.status === "fulfilled" ? s.value : undefined);
+  const failures = settled.filter((s): s is PromiseRejectedResult => s.status === "rejected");
+  const quorum = Math.floor(config.endpoints.length / 2) + 1;
+  const fatal = failures.find((f) =>
+    f.reason instanceof LockAuthError || f.reason instanceof LockPermissionError
+  );
+  if (fatal || clients.filter(Boolean).length < quorum) {
+    for (const client of clients) client?.disconnect();
+    if (fatal) throw fatal.reason;
+    if (config.endpoints.length === 1) throw failures[0].reason;
+    throw new LockConnectionError(
+      `Cannot connect to a quorum of Redis instances (${quorum} of ${config.endpoints.length}): ${
+        failures.map((f) => (f.reason as Error).message).join("; ")
+      }`,
+    );
+  }
+  // An instance that is down now joins when it comes back: its client
+  // reconnects on its own, and until then its answers count as failures.
+  const list = config.endpoints.map((endpoint, i): Instance => {
+    const client = clients[i] ?? standby(config, endpoint);
+    return {
+      name: endpoint,
+      client,
+      subscriptions: new Subscriptions(() =>
+        client.duplicate({
+          enableOfflineQueue: true,
+          lazyConnect: false,
+          maxRetriesPerRequest: null,
+        })
+      ),
+    };
+  });
+  return new Instances(list, [config.password]);
+}
+
+/** A client for an instance that was down at connect time: it keeps trying in the background. */
+function standby(config: ConnectionConfig, endpoint: string): Redis {
+  const client = new Redis({ ...clientOptions(config, endpoint, () => true), lazyConnect: false });
+  client.on("error", () => {});
+  return client;
+}
+
+async function disconnect(instances: Instances): Promise<void> {
+  instances.close();
+  await Promise.all(instances.list.map(async (instance) => {
+    // QUIT lets the server finish what was sent; a server that does not
+    // answer within 500 ms is cut off.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      await Promise.race([
+        instance.client.quit(),
+        new Promise((resolve) => timer = setTimeout(resolve, 500)),
+      ]);
+    } catch {
+      // Already gone.
+    } finally {
+      clearTimeout(timer);
+      instance.client.disconnect();
+    }
+  }));
+}
+
+const clients = new Connector<Instances>({ create: connect, close: disconnect });
+
+/**
+ * The driver behind `New({ backend: "redis" })`: clients shared by every
+ * locker with the same connection config.
+ *
+ * @ignore
+ */
+export async function openSharedDriver(options: ResolvedOptions, owner: object): Promise<Driver> {
+  const ref: ClientRef<Instances> = await clients.acquire(options, owner);
+  return new RedisDriver(ref.client, options, options.dialTimeout, ref.release);
+}
+
+/**
+ * Creates a Redis locker on a client you already own (the Go design's
+ * per-backend API): an ioredis `Redis` or `Cluster`, or several independent
+ * `Redis` clients for Redlock. The locker never closes your clients; it
+ * opens one subscriber connection per client (with `duplicate()`) and closes
+ * that.
+ *
+ * @param client An ioredis client, or an array of them for Redlock.
+ * @param options The lease settings.
+ * @returns A locker.
+ * @throws {TypeError} Something that is not an ioredis client, or a bad option.
+ * @throws {RangeError} An option out of range.
+ *
+ * @example Share your client
+ * ```ts ignore
+ * import { Redis } from "npm:ioredis@^6.0.0";
+ * import { createRedisLocker } from "@genesis/lock/redis";
+ *
+ * const redis = new Redis();
+ * const locker = createRedisLocker(redis);
+ * const lease = await locker.tryLock("/jobs/a");
+ * await lease?.release();
+ * await locker.close();
+ * redis.disconnect();
+ * ```
+ */
+export function createRedisLocker(
+  client: RedisClient | RedisClient[],
+  options?: RedisLockerOptions,
+): Locker {
+  const list = Array.isArray(client) ? client : [client];
+  if (list.length === 0) {
+    throw new TypeError(
+      `Invalid argument "client": expected an ioredis client, received an empty array`,
+    );
+  }
+  for (const c of list) {
+    const candidate = c as Partial<Redis> | undefined;
+    if (typeof candidate?.evalsha !== "function" || typeof candidate.duplicate !== "function") {
+      throw new TypeError(`Invalid argument "client": expected an ioredis Redis or Cluster client`);
+    }
+  }
+  const settings = resolveOptions({ ...options, backend: "redis" });
+  return new DriverLocker(() => {
+    const instances = new Instances(
+      (list as unknown as Redis[]).map((c, i) => ({
+        name: list.length === 1 ? "the given client" : `client ${i + 1}`,
+        client: c,
+        subscriptions: new Subscriptions(() => c.duplicate()),
+      })),
+      [],
+    );
+    return Promise.resolve(
+      new RedisDriver(instances, settings, settings.dialTimeout, () => {
+        instances.close();
+        return Promise.resolve();
+      }),
+    );
+  });
+}
