@@ -142,7 +142,7 @@ function translate(
       cause,
     });
   }
-  if (/^NOPERM/.test(text)) {
+  if (/^NOPERM|can't run this command/.test(text)) {
     return new LockPermissionError(`${action}: permission denied by Redis at ${where}: ${text}`, {
       cause,
     });
@@ -183,16 +183,17 @@ class Subscriptions {
   }
 
   /**
-   * Calls `listener` on every message on `channel` until the returned
-   * function is called. Resolves once Redis confirmed the subscription, or
-   * after `within` ms (waiters then rely on polling until it is in place).
+   * Calls `listener` on every message on `channel` until `remove()`.
+   * `ready` resolves once Redis has confirmed the subscription (or failed
+   * to: the waiter then relies on polling).
    */
-  async add(channel: string, listener: Listener, within: number): Promise<() => void> {
+  add(channel: string, listener: Listener): { remove(): void; ready: Promise<void> } {
     let listeners = this.#listeners.get(channel);
-    const first = listeners === undefined;
+    let ready = Promise.resolve();
     if (listeners === undefined) {
       listeners = new Set();
       this.#listeners.set(channel, listeners);
+      ready = this.#connection().subscribe(channel).then(() => {}, () => {});
     }
     listeners.add(listener);
     const remove = () => {
@@ -201,19 +202,14 @@ class Subscriptions {
       this.#listeners.delete(channel);
       this.#subscriber?.unsubscribe(channel).catch(() => {});
     };
-    if (first) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const late = new Promise<void>((resolve) => timer = setTimeout(resolve, within));
-      await Promise.race([this.#connection().subscribe(channel).catch(() => {}), late]);
-      clearTimeout(timer);
-    }
-    return remove;
+    return { remove, ready };
   }
 
-  close(): void {
+  async close(): Promise<void> {
     this.#listeners.clear();
-    this.#subscriber?.disconnect();
+    const subscriber = this.#subscriber;
     this.#subscriber = undefined;
+    if (subscriber) await hangUp(subscriber);
   }
 }
 
@@ -254,8 +250,8 @@ class Instances {
     }
   }
 
-  close(): void {
-    for (const instance of this.list) instance.subscriptions.close();
+  async close(): Promise<void> {
+    await Promise.all(this.list.map((instance) => instance.subscriptions.close()));
   }
 }
 
@@ -274,18 +270,15 @@ function drift(ttl: number): number {
 class RedisDriver implements Driver {
   readonly #instances: Instances;
   readonly #settings: LeaseSettings;
-  readonly #dialTimeout: number;
   readonly #onClose: () => Promise<void>;
 
   constructor(
     instances: Instances,
     settings: LeaseSettings,
-    dialTimeout: number,
     onClose: () => Promise<void>,
   ) {
     this.#instances = instances;
     this.#settings = settings;
-    this.#dialTimeout = dialTimeout;
     this.#onClose = onClose;
   }
 
@@ -296,16 +289,25 @@ class RedisDriver implements Driver {
     let woken: Listener = () => {};
     const wake = () => woken();
     const unsubscribe: (() => void)[] = [];
-    let done = false;
     try {
       if (wait) {
-        // Subscribed before the first attempt: a release between a failed
-        // attempt and the wait still wakes us.
-        for (const instance of this.#instances.list) {
-          const adding = instance.subscriptions.add(keys.channel, wake, this.#dialTimeout);
-          // A subscription confirmed after this call gave up is dropped at once.
-          adding.then((remove) => done ? remove() : unsubscribe.push(remove), () => {});
-          await abortable(adding, signal);
+        // Subscribed before the first attempt, so a release between a failed
+        // attempt and the wait still wakes us. An instance slow to confirm
+        // (down, say) delays the first attempt by one poll interval at most:
+        // the poll covers a message missed meanwhile.
+        const adding = this.#instances.list.map((instance) => {
+          const { remove, ready } = instance.subscriptions.add(keys.channel, wake);
+          unsubscribe.push(remove);
+          return ready;
+        });
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const bound = new Promise((resolve) =>
+          timer = setTimeout(resolve, this.#settings.retryInterval)
+        );
+        try {
+          await abortable(Promise.race([Promise.all(adding), bound]), signal);
+        } finally {
+          clearTimeout(timer);
         }
       }
       for (;;) {
@@ -318,7 +320,6 @@ class RedisDriver implements Driver {
         await this.#sleep(poll, woke, signal);
       }
     } finally {
-      done = true;
       for (const remove of unsubscribe) remove();
     }
   }
@@ -586,6 +587,7 @@ function clientOptions(
     connectTimeout: config.dialTimeout,
     enableOfflineQueue: false,
     autoResendUnfulfilledCommands: false,
+    disconnectTimeout: DISCONNECT_TIMEOUT,
     maxRetriesPerRequest: 0,
     // No retries before the first connection (a wrong password or a dead
     // endpoint fails at once, no retry storm), backoff to 2 s after it.
@@ -642,7 +644,7 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
     connected = true;
     return client;
   } catch (error) {
-    client.disconnect();
+    await hangUp(client);
     throw translate(error, action, endpoint, [config.password]);
   } finally {
     clearTimeout(timer);
@@ -659,7 +661,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
     f.reason instanceof LockAuthError || f.reason instanceof LockPermissionError
   );
   if (fatal || clients.filter(Boolean).length < quorum) {
-    for (const client of clients) client?.disconnect();
+    await Promise.all(clients.map((client) => client && hangUp(client)));
     if (fatal) throw fatal.reason;
     if (config.endpoints.length === 1) throw failures[0].reason;
     throw new LockConnectionError(
@@ -694,8 +696,32 @@ function standby(config: ConnectionConfig, endpoint: string): Redis {
   return client;
 }
 
+/**
+ * Closes a connection and waits until it is closed. ioredis arms a timer
+ * when it ends a socket and clears it on the socket's close: waiting for the
+ * end leaves no timer behind, and not disconnecting an ended client avoids
+ * arming one that no close will clear.
+ */
+async function hangUp(client: Redis): Promise<void> {
+  if (client.status === "end") return;
+  // Without a live socket, no close event will clear that timer: let it run out.
+  const live = client.status === "ready" || client.status === "connect";
+  const ended = new Promise((resolve) => client.once("end", resolve));
+  client.disconnect();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const bound = live ? 1_000 : DISCONNECT_TIMEOUT + 10;
+  await Promise.race([
+    live ? ended : new Promise(() => {}),
+    new Promise((resolve) => timer = setTimeout(resolve, bound)),
+  ]);
+  clearTimeout(timer);
+}
+
+/** How long ioredis waits for a socket it ended to close before destroying it. */
+const DISCONNECT_TIMEOUT = 50;
+
 async function disconnect(instances: Instances): Promise<void> {
-  instances.close();
+  await instances.close();
   await Promise.all(instances.list.map(async (instance) => {
     // QUIT lets the server finish what was sent; a server that does not
     // answer within 500 ms is cut off.
@@ -709,7 +735,7 @@ async function disconnect(instances: Instances): Promise<void> {
       // Already gone.
     } finally {
       clearTimeout(timer);
-      instance.client.disconnect();
+      await hangUp(instance.client);
     }
   }));
 }
@@ -724,7 +750,7 @@ const clients = new Connector<Instances>({ create: connect, close: disconnect })
  */
 export async function openSharedDriver(options: ResolvedOptions, owner: object): Promise<Driver> {
   const ref: ClientRef<Instances> = await clients.acquire(options, owner);
-  return new RedisDriver(ref.client, options, options.dialTimeout, ref.release);
+  return new RedisDriver(ref.client, options, ref.release);
 }
 
 /**
@@ -780,10 +806,7 @@ export function createRedisLocker(
       [],
     );
     return Promise.resolve(
-      new RedisDriver(instances, settings, settings.dialTimeout, () => {
-        instances.close();
-        return Promise.resolve();
-      }),
+      new RedisDriver(instances, settings, () => instances.close()),
     );
   });
 }

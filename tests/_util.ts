@@ -1,3 +1,5 @@
+import { inspect } from "node:util";
+
 // Helpers shared by the test files. Test-only code: it may use runtime APIs.
 
 /** A random key prefix, so tests can run in parallel and in any order. */
@@ -52,5 +54,38 @@ export async function within<T, F>(promise: Promise<T>, ms: number, fallback: F)
     return await Promise.race([promise, late]);
   } finally {
     clearTimeout(timer);
+  }
+}
+
+/** Everything a caller or a log could see of an error: inspect with hidden fields and causes, String, JSON. */
+export function everything(error: unknown): string {
+  return inspect(error, { depth: Infinity, showHidden: true }) + String(error) +
+    JSON.stringify(error);
+}
+
+/** Errors a test file provoked, kept to be scanned for secrets at its end. */
+export class Provoked {
+  readonly errors: unknown[] = [];
+
+  /** Keeps `error` and returns it. */
+  keep<T>(error: T): T {
+    this.errors.push(error);
+    return error;
+  }
+
+  /** Fails if any kept error shows any of `secrets` or a 128-bit hex lock token. */
+  assertClean(secrets: string[]): void {
+    if (this.errors.length === 0) {
+      throw new Error("No error was kept: the scan would prove nothing");
+    }
+    for (const error of this.errors) {
+      const seen = everything(error);
+      for (const secret of secrets) {
+        if (seen.includes(secret)) throw new Error(`A secret shows in an error:\n${seen}`);
+      }
+      if (/\b[0-9a-f]{32}\b/.test(seen)) {
+        throw new Error(`A lock token shows in an error:\n${seen}`);
+      }
+    }
   }
 }

@@ -1,19 +1,28 @@
-import { after, before, describe } from "./_bdd.ts";
+import { after, before, describe, it } from "./_bdd.ts";
+import assert from "node:assert/strict";
+import { inspect } from "node:util";
 import { Redis } from "ioredis";
-import { New } from "../mod.ts";
+import { LockLostError, LockTimeoutError, New } from "../mod.ts";
+import { createRedisLocker } from "../backends/redis.ts";
 import { conformance } from "./_conformance.ts";
-import { RedisServer } from "./_servers.ts";
+import { type Child, RedisServer, runScript } from "./_servers.ts";
+import { prefix, Provoked, sleep, until, within } from "./_util.ts";
 
-let server: RedisServer;
-let probe: Redis;
+const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
+
+/** Every error these tests provoke, scanned for secrets at the end. */
+const provoked = new Provoked();
+const keep = <T>(error: T) => provoked.keep(error);
 
 /** Lock keys (not fencing counters, which outlive locks by design) under a prefix. */
-async function lockKeys(keyPrefix: string): Promise<number> {
-  const keys = await probe.keys(`lock:{${keyPrefix}*`);
-  return keys.filter((k) => !k.endsWith(":fence")).length;
+async function lockKeys(client: Redis, keyPrefix: string): Promise<string[]> {
+  const keys = await client.keys(`lock:{${keyPrefix}*`);
+  return keys.filter((k) => !k.endsWith(":fence"));
 }
 
 describe("redis backend", () => {
+  let server: RedisServer;
+  let probe: Redis;
   before(async () => {
     server = await RedisServer.start();
     probe = new Redis({ host: "127.0.0.1", port: server.port });
@@ -28,6 +37,220 @@ describe("redis backend", () => {
     locker: (options) => New({ backend: "redis", endpoints: [server.endpoint], ...options }),
     shortTtl: 300,
     fifoAcrossLockers: false,
-    leftovers: lockKeys,
+    leftovers: async (keyPrefix) => (await lockKeys(probe, keyPrefix)).length,
+  });
+
+  describe("layout", () => {
+    it("keeps the lock, its fencing counter and its channel under one hash tag", async () => {
+      const locker = New({ backend: "redis", endpoints: [server.endpoint] });
+      const name = prefix("layout");
+      const lease = await locker.lock(name);
+      const keys = (await probe.keys(`lock:{${name}}*`)).sort();
+      assert.deepEqual(keys, [`lock:{${name}}`, `lock:{${name}}:fence`]);
+      assert.equal(await probe.get(`lock:{${name}}:fence`), String(lease.token));
+      assert.match((await probe.get(`lock:{${name}}`))!, /^[0-9a-f]{32}$/);
+      const ttl = await probe.pttl(`lock:{${name}}`);
+      assert.ok(ttl > 9_000 && ttl <= 10_000, `PTTL ${ttl}`);
+      await locker.close();
+      assert.deepEqual(await lockKeys(probe, name), []);
+    });
+  });
+
+  describe("hand-off across processes", () => {
+    it("wakes waiters in other processes on release, not after their 5 s poll", async () => {
+      const name = prefix("handoff");
+      const locker = New({ backend: "redis", endpoints: [server.endpoint] });
+      const held = await locker.lock(name);
+      const children: Child[] = [];
+      try {
+        for (let i = 0; i < 3; i++) {
+          children.push(
+            runScript(fixture, ["once", "redis", server.endpoint, name, "10000"], {
+              GENESIS_RETRY_INTERVAL: "5000",
+              GENESIS_HOLD: "30",
+            }),
+          );
+        }
+        // Each child subscribes before its first attempt, then finds the lock held.
+        await until(
+          async () => {
+            const [, subscribers] = await probe.pubsub("NUMSUB", `lock:{${name}}:released`) as [
+              string,
+              number,
+            ];
+            return subscribers === 3;
+          },
+          20_000,
+          "three subscribed waiters",
+        );
+        await sleep(100); // and their first attempts are done
+        for (const child of children) assert.doesNotMatch(child.output, /HELD/);
+        const released = performance.now();
+        await held.release();
+        await Promise.all(children.map((child) => child.waitFor(/DONE/, 4_000)));
+        const elapsed = performance.now() - released;
+        // Three hand-offs; one missed notification alone would cost a 5 s poll.
+        assert.ok(elapsed < 2_500, `three hand-offs took ${elapsed.toFixed(0)} ms`);
+        const tokens = children.map((c) => BigInt(c.output.match(/HELD (\d+)/)![1]));
+        assert.ok(tokens.every((t) => t > held.token));
+        assert.equal(new Set(tokens).size, 3);
+      } finally {
+        await Promise.all(children.map((c) => c.stop()));
+        await locker.close();
+      }
+    });
+
+    it("lets the process exit by itself after close()", async () => {
+      const child = runScript(fixture, ["exit", "redis", server.endpoint, prefix("exit"), "5000"]);
+      await child.waitFor(/CLOSED/, 20_000);
+      const code = await within(child.exited, 5_000, "still running");
+      if (code === "still running") await child.stop();
+      assert.equal(code, 0, `the process did not exit after close():\n${child.output}`);
+    });
+  });
+
+  describe("a stalled server (SIGSTOP)", () => {
+    it("leaves no key behind when an acquisition in flight times out", async () => {
+      const name = prefix("stall");
+      const locker = New({ backend: "redis", endpoints: [server.endpoint] });
+      await (await locker.lock(`${name}/warm`)).release(); // connected before the stall
+      server.child!.signal("SIGSTOP");
+      try {
+        const started = performance.now();
+        const error = keep(await locker.tryLock(name, { timeout: 300 }).catch((e) => e));
+        assert.ok(error instanceof LockTimeoutError, inspect(error));
+        assert.ok(performance.now() - started < 1_000);
+      } finally {
+        server.child!.signal("SIGCONT");
+      }
+      // The SET ran when the server woke; the late answer released it.
+      await until(async () => (await lockKeys(probe, name)).length === 0, 3_000, "no ghost lock");
+      assert.deepEqual(await lockKeys(probe, name), []);
+      const lease = await locker.tryLock(name);
+      assert.ok(lease, "the key is free");
+      await locker.close();
+    });
+
+    it("decides loss locally while the server cannot answer", async () => {
+      const name = prefix("stall-held");
+      const locker = New({ backend: "redis", endpoints: [server.endpoint], ttl: 500 });
+      const lease = await locker.lock(name);
+      const stopped = performance.now();
+      server.child!.signal("SIGSTOP");
+      try {
+        await new Promise((resolve) => lease.signal.addEventListener("abort", resolve));
+        const after = performance.now() - stopped;
+        assert.ok(lease.signal.reason instanceof LockLostError);
+        assert.ok(after < 500 + 100, `lost ${after.toFixed(0)} ms after the stall`);
+      } finally {
+        server.child!.signal("SIGCONT");
+      }
+      await locker.close();
+    });
+  });
+
+  describe("a holder process paused past its TTL", () => {
+    it("loses the lock to another process and sees the loss on its first turn after SIGCONT", async () => {
+      const name = prefix("paused");
+      const child = runScript(fixture, ["hold", "redis", server.endpoint, name, "1000"]);
+      try {
+        const [, token] = await child.waitFor(/HELD (\d+)/, 20_000);
+        await child.waitFor(/TICK false/);
+        child.signal("SIGSTOP");
+        await sleep(100);
+        const mark = child.output.length;
+        const locker = New({ backend: "redis", endpoints: [server.endpoint] });
+        const lease = await locker.lock(name, { timeout: 10_000 });
+        assert.ok(lease.token > BigInt(token));
+        child.signal("SIGCONT");
+        await child.waitFor(/LOST/, 5_000);
+        const resumed = child.output.slice(mark).trim().split("\n");
+        assert.match(
+          resumed[0],
+          /^LOST Lost lock ".*": its 1000 ms lease ran out/,
+          resumed.join("\n"),
+        );
+        assert.ok(
+          !resumed.includes("TICK false"),
+          "the paused holder still believed it held the lock",
+        );
+        await lease.release();
+        await locker.close();
+      } finally {
+        await child.stop();
+      }
+    });
+  });
+
+  describe("createRedisLocker() on a client the caller owns", () => {
+    it("locks with the caller's client and never closes it", async () => {
+      const client = new Redis({ host: "127.0.0.1", port: server.port });
+      const locker = createRedisLocker(client, { ttl: 2_000 });
+      const name = prefix("owned");
+      const lease = await locker.lock(name);
+      const other = New({ backend: "redis", endpoints: [server.endpoint] });
+      assert.equal(await other.tryLock(name), undefined);
+      await lease.release();
+      await Promise.all([locker.close(), other.close()]);
+      assert.equal(await client.ping(), "PONG", "the caller's client still works");
+      client.disconnect();
+    });
+
+    it("rejects what is not an ioredis client", () => {
+      assert.throws(() => createRedisLocker({} as never), {
+        name: "TypeError",
+        message: 'Invalid argument "client": expected an ioredis Redis or Cluster client',
+      });
+    });
+  });
+});
+
+describe("redis restarts", () => {
+  it("keeps the lock and the fencing counter across a restart with appendfsync always", async () => {
+    const server = await RedisServer.start({
+      args: ["--appendonly", "yes", "--appendfsync", "always"],
+    });
+    try {
+      const locker = New({ backend: "redis", endpoints: [server.endpoint], ttl: 5_000 });
+      const name = prefix("aof");
+      const held = await locker.lock(name);
+      await server.shutdown("SIGTERM");
+      await server.restart();
+      await sleep(2_000); // renewals reconnect and go on
+      assert.equal(held.signal.aborted, false, `lost: ${held.signal.reason}`);
+      await held.release();
+      const next = await locker.lock(name);
+      assert.ok(next.token > held.token, `token ${next.token} after ${held.token}`);
+      await locker.close();
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it("without persistence, loses the lock and starts the tokens again (documented)", async () => {
+    const server = await RedisServer.start();
+    try {
+      const locker = New({ backend: "redis", endpoints: [server.endpoint], ttl: 3_000 });
+      const name = prefix("volatile");
+      for (let i = 0; i < 3; i++) await (await locker.lock(name)).release();
+      const held = await locker.lock(name);
+      assert.equal(held.token, 4n);
+      await server.shutdown("SIGKILL");
+      await server.restart();
+      await new Promise((resolve) => held.signal.addEventListener("abort", resolve));
+      assert.match(String(held.signal.reason), /its key was deleted or taken over|lease ran out/);
+      const next = await locker.lock(name);
+      // The counter was lost with the data: the token repeats an old one.
+      assert.equal(next.token, 1n);
+      await locker.close();
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+describe("redis errors", () => {
+  it("never show a lock token in any error these tests provoked", () => {
+    provoked.assertClean([]);
   });
 });
