@@ -245,8 +245,12 @@ interface Waiter {
   onAbort(): void;
 }
 
-/** The in-process FIFO: at most one call per key goes to the server at a time. */
-class KeyQueue {
+/**
+ * The in-process FIFO: at most one call per key goes to the server at a
+ * time. Also used by backends to queue contenders from several lockers on one
+ * shared client.
+ */
+export class KeyQueue {
   // A key is present while some call owns it; its array holds the calls waiting behind.
   readonly #keys = new Map<string, Waiter[]>();
 

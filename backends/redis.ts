@@ -43,7 +43,14 @@ import {
   LockLostError,
   LockPermissionError,
 } from "../errors.ts";
-import { abortable, type Driver, DriverLocker, type Grant, type Locker } from "../_locker.ts";
+import {
+  abortable,
+  type Driver,
+  DriverLocker,
+  type Grant,
+  KeyQueue,
+  type Locker,
+} from "../_locker.ts";
 import {
   type ConnectionConfig,
   type LeaseSettings,
@@ -113,17 +120,13 @@ function randomToken(): string {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-const shas = new Map<string, Promise<string>>();
+const shas = new Map<string, string>();
 
-/** The SHA-1 of a script, as EVALSHA wants it. */
-function sha1(script: string): Promise<string> {
-  let sha = shas.get(script);
-  if (sha === undefined) {
-    sha = crypto.subtle.digest("SHA-1", new TextEncoder().encode(script)).then((digest) =>
-      Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("")
-    );
-    shas.set(script, sha);
-  }
+/** The SHA-1 of a script, as EVALSHA wants it; computed once per script. */
+async function sha1(script: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-1", new TextEncoder().encode(script));
+  const sha = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+  shas.set(script, sha);
   return sha;
 }
 
@@ -160,11 +163,16 @@ function translate(
 
 type Listener = () => void;
 
+/** How long a channel stays subscribed after its last waiter left. */
+const SUBSCRIPTION_LINGER = 1_000;
+
 /** One subscriber connection's channels, shared by every waiter on one instance. */
 class Subscriptions {
   readonly #make: () => Redis;
   #subscriber?: Redis;
   readonly #listeners = new Map<string, Set<Listener>>();
+  /** Channels nobody listens to any more, unsubscribed after a moment unless wanted again. */
+  readonly #idle = new Map<string, ReturnType<typeof setTimeout>>();
 
   constructor(make: () => Redis) {
     this.#make = make;
@@ -193,20 +201,35 @@ class Subscriptions {
     if (listeners === undefined) {
       listeners = new Set();
       this.#listeners.set(channel, listeners);
-      ready = this.#connection().subscribe(channel).then(() => {}, () => {});
+      const idle = this.#idle.get(channel);
+      if (idle !== undefined) {
+        // Still subscribed: under steady contention, no SUBSCRIBE per wait.
+        clearTimeout(idle);
+        this.#idle.delete(channel);
+      } else {
+        ready = this.#connection().subscribe(channel).then(() => {}, () => {});
+      }
     }
     listeners.add(listener);
     const remove = () => {
       const set = this.#listeners.get(channel);
       if (set === undefined || !set.delete(listener) || set.size > 0) return;
       this.#listeners.delete(channel);
-      this.#subscriber?.unsubscribe(channel).catch(() => {});
+      this.#idle.set(
+        channel,
+        setTimeout(() => {
+          this.#idle.delete(channel);
+          this.#subscriber?.unsubscribe(channel).catch(() => {});
+        }, SUBSCRIPTION_LINGER),
+      );
     };
     return { remove, ready };
   }
 
   async close(): Promise<void> {
     this.#listeners.clear();
+    for (const timer of this.#idle.values()) clearTimeout(timer);
+    this.#idle.clear();
     const subscriber = this.#subscriber;
     this.#subscriber = undefined;
     if (subscriber) await hangUp(subscriber);
@@ -223,6 +246,12 @@ interface Instance {
 /** The instances of one connection config: one Redis, or the Redlock set. */
 class Instances {
   readonly list: Instance[];
+  /**
+   * Contenders for a key among all lockers on these clients: one at a time
+   * goes to Redis, the rest queue here in order. A release then wakes one
+   * waiter per process, not one per locker.
+   */
+  readonly contenders = new KeyQueue();
   readonly #secrets: string[];
 
   constructor(list: Instance[], secrets: string[]) {
@@ -241,7 +270,7 @@ class Instances {
 
   /** Runs a script by SHA, loading it on NOSCRIPT. */
   async run(instance: Instance, script: string, keys: string[], args: (string | number)[]) {
-    const sha = await sha1(script);
+    const sha = shas.get(script) ?? await sha1(script);
     try {
       return await instance.client.evalsha(sha, keys.length, ...keys, ...args);
     } catch (error) {
@@ -283,6 +312,17 @@ class RedisDriver implements Driver {
   }
 
   async acquire(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
+    const contenders = this.#instances.contenders;
+    if (wait) await contenders.enter(name, signal);
+    else if (!contenders.tryEnter(name)) return undefined;
+    try {
+      return await this.#contend(name, wait, signal);
+    } finally {
+      contenders.leave(name);
+    }
+  }
+
+  async #contend(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
     const keys = keysOf(name);
     const action = `Cannot acquire lock ${JSON.stringify(name)}`;
     const token = randomToken();
@@ -290,37 +330,51 @@ class RedisDriver implements Driver {
     const wake = () => woken();
     const unsubscribe: (() => void)[] = [];
     try {
-      if (wait) {
-        // Subscribed before the first attempt, so a release between a failed
-        // attempt and the wait still wakes us. An instance slow to confirm
-        // (down, say) delays the first attempt by one poll interval at most:
-        // the poll covers a message missed meanwhile.
-        const adding = this.#instances.list.map((instance) => {
-          const { remove, ready } = instance.subscriptions.add(keys.channel, wake);
-          unsubscribe.push(remove);
-          return ready;
-        });
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        const bound = new Promise((resolve) =>
-          timer = setTimeout(resolve, this.#settings.retryInterval)
-        );
-        try {
-          await abortable(Promise.race([Promise.all(adding), bound]), signal);
-        } finally {
-          clearTimeout(timer);
-        }
-      }
       for (;;) {
         const woke = new Promise<void>((resolve) => woken = resolve);
         const attempt = await this.#attempt(keys, token, signal, action);
         if (attempt.grant) return attempt.grant;
         if (!wait) return undefined;
+        if (unsubscribe.length === 0) {
+          // Held: subscribe, then try once more before waiting, so a release
+          // between the failed attempt and the subscription still counts.
+          // The uncontended path pays no SUBSCRIBE round trip.
+          await this.#subscribe(keys.channel, wake, unsubscribe, signal);
+          continue;
+        }
         // Wait for a release, or poll: never past the holder's expiry.
         const poll = Math.max(1, Math.min(this.#settings.retryInterval, attempt.pttl + 1));
         await this.#sleep(poll, woke, signal);
       }
     } finally {
       for (const remove of unsubscribe) remove();
+    }
+  }
+
+  /**
+   * Subscribes to `channel` on every instance. An instance slow to confirm
+   * (down, say) holds this up for one poll interval at most: the poll covers
+   * a message missed meanwhile.
+   */
+  async #subscribe(
+    channel: string,
+    wake: Listener,
+    unsubscribe: (() => void)[],
+    signal: AbortSignal,
+  ): Promise<void> {
+    const ready = this.#instances.list.map((instance) => {
+      const subscription = instance.subscriptions.add(channel, wake);
+      unsubscribe.push(subscription.remove);
+      return subscription.ready;
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const bound = new Promise((resolve) =>
+      timer = setTimeout(resolve, this.#settings.retryInterval)
+    );
+    try {
+      await abortable(Promise.race([Promise.all(ready), bound]), signal);
+    } finally {
+      clearTimeout(timer);
     }
   }
 
@@ -478,13 +532,19 @@ class RedisDriver implements Driver {
     const name = keys.name;
     const controller = new AbortController();
     let deadline = sentAt + ttl - drift(ttl);
+    let renewAt = autoRenew ? sentAt + ttl / 3 : Infinity;
+    let renewing = false;
     let ended = false;
-    let lossTimer: ReturnType<typeof setTimeout> | undefined;
-    let renewTimer: ReturnType<typeof setTimeout> | undefined;
+    // One timer per lease, for whichever comes first: the next renewal or the deadline.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const schedule = () => {
+      clearTimeout(timer);
+      const next = renewing ? deadline : Math.min(renewAt, deadline);
+      timer = setTimeout(tick, Math.max(0, next - performance.now()));
+    };
     const end = () => {
       ended = true;
-      clearTimeout(lossTimer);
-      clearTimeout(renewTimer);
+      clearTimeout(timer);
     };
     const lose = (detail: string) => {
       if (ended) return;
@@ -497,14 +557,13 @@ class RedisDriver implements Driver {
       }
       return ended;
     };
-    const armLoss = () => {
-      clearTimeout(lossTimer);
-      lossTimer = setTimeout(() => {
-        if (!checkDeadline()) armLoss();
-      }, Math.max(0, deadline - performance.now()));
+    const tick = () => {
+      if (checkDeadline()) return;
+      if (!renewing && performance.now() >= renewAt) void renew();
+      schedule();
     };
     const renew = async () => {
-      if (checkDeadline()) return;
+      renewing = true;
       const sent = performance.now();
       const replies = await Promise.all(
         instances.list.map((instance) =>
@@ -514,24 +573,20 @@ class RedisDriver implements Driver {
           )
         ),
       );
+      renewing = false;
       if (ended) return;
       const renewed = replies.filter((r) => r === "renewed").length;
       const refused = replies.filter((r) => r === "refused").length;
       if (instances.list.length - refused < instances.quorum) {
         return lose("its key was deleted or taken over");
       }
-      if (renewed >= instances.quorum) {
-        deadline = Math.max(deadline, sent + ttl - drift(ttl));
-        armLoss();
-      }
+      const ok = renewed >= instances.quorum;
+      if (ok) deadline = Math.max(deadline, sent + ttl - drift(ttl));
       // After a failure try again soon; the deadline is what decides loss.
-      renewTimer = setTimeout(
-        renew,
-        renewed >= instances.quorum ? ttl / 3 : Math.min(ttl / 6, 500),
-      );
+      renewAt = performance.now() + (ok ? ttl / 3 : Math.min(ttl / 6, 500));
+      schedule();
     };
-    armLoss();
-    if (autoRenew) renewTimer = setTimeout(renew, ttl / 3);
+    schedule();
     return {
       token: fence,
       signal: controller.signal,
