@@ -6,7 +6,21 @@
 import { LockClosedError, LockNotHeldError, LockTimeoutError } from "./errors.ts";
 import { describe, MAX_DELAY, validateKey } from "./_options.ts";
 
-/** Options of one `lock()` or `tryLock()` call. */
+/**
+ * Options of one `lock()` or `tryLock()` call.
+ *
+ * @example Give up on a timeout or on shutdown
+ * ```ts
+ * import { type LockOptions, New } from "@genesis/lock";
+ *
+ * const locker = New({ backend: "memory" });
+ * const shutdown = new AbortController(); // aborted when the process is asked to stop
+ * const options: LockOptions = { signal: shutdown.signal, timeout: 2_000 };
+ * const lease = await locker.lock("/jobs/a", options);
+ * await lease.release();
+ * await locker.close();
+ * ```
+ */
 export interface LockOptions {
   /** Gives up when aborted: the call rejects with `signal.reason`. */
   signal?: AbortSignal;

@@ -2,7 +2,19 @@
 // once and before any I/O, so a mistake surfaces as a TypeError or RangeError
 // naming the field instead of as a client error much later.
 
-/** TLS settings for the connection to the server. PEM strings. */
+/**
+ * TLS settings for the connection to the server. PEM strings.
+ *
+ * @example Verify the server by name when the endpoints are IPs
+ * ```ts
+ * import { New, type TlsOptions } from "@genesis/lock";
+ *
+ * // The certificate names the cluster, not the address it is reached at
+ * const tls: TlsOptions = { serverName: "etcd.internal" };
+ * const locker = New({ endpoints: ["https://10.0.0.1:2379"], tls });
+ * await locker.close(); // nothing was connected: New() connects on first use
+ * ```
+ */
 export interface TlsOptions {
   /** The CA certificate(s) that sign the server's certificate. */
   ca?: string;
@@ -14,13 +26,40 @@ export interface TlsOptions {
   serverName?: string;
 }
 
-/** The backends `New()` can use. */
+/**
+ * The backends `New()` can use.
+ *
+ * @example Pick the backend per environment
+ * ```ts
+ * import { type Backend, New } from "@genesis/lock";
+ *
+ * // Tests need no server; production shares the etcd cluster
+ * function backendFor(environment: string): Backend {
+ *   return environment === "production" ? "etcd" : "memory";
+ * }
+ * const locker = New({ backend: backendFor("test") });
+ * await locker.close();
+ * ```
+ */
 export type Backend = "etcd" | "redis" | "memory";
 
 /**
  * Options of {@linkcode New}. Every field is optional; as in the Go design,
  * a field left out (or given its zero value: `0`, `""` or `[]`) takes its
  * default. Durations are in milliseconds.
+ *
+ * @example A Redlock quorum of three Redis servers
+ * ```ts
+ * import { New, type Options } from "@genesis/lock";
+ *
+ * const options: Options = {
+ *   backend: "redis",
+ *   endpoints: ["10.0.0.1:6379", "10.0.0.2:6379", "10.0.0.3:6379"], // independent, not replicas
+ *   ttl: 30_000,
+ * };
+ * const locker = New(options); // checked here; nothing connects until the first call
+ * await locker.close();
+ * ```
  */
 export interface Options {
   /**
@@ -76,7 +115,25 @@ export interface Options {
   autoRenew?: boolean;
 }
 
-/** The fields that decide a connection: equal configs share one client. */
+/**
+ * The fields that decide a connection: equal configs share one client.
+ *
+ * @example The config New() makes for etcd with no options
+ * ```ts
+ * import type { ConnectionConfig } from "@genesis/lock/connector";
+ *
+ * // Every field is required: these are Options with the defaults filled in
+ * const config: ConnectionConfig = {
+ *   backend: "etcd",
+ *   endpoints: ["127.0.0.1:2379"],
+ *   username: "",
+ *   password: "",
+ *   tls: false,
+ *   dialTimeout: 5_000,
+ * };
+ * console.log(config.endpoints); // ["127.0.0.1:2379"]
+ * ```
+ */
 export interface ConnectionConfig {
   /** The backend. */
   backend: Backend;

@@ -43,7 +43,22 @@
 import type { ConnectionConfig } from "./_options.ts";
 export type { ConnectionConfig, TlsOptions } from "./_options.ts";
 
-/** How a backend makes and closes its client. */
+/**
+ * How a backend makes and closes its client.
+ *
+ * @example A factory for a stand-in client
+ * ```ts
+ * import { type ClientFactory, Connector } from "@genesis/lock/connector";
+ *
+ * // A real factory connects in create(); a rejection there is never cached
+ * const factory: ClientFactory<URL> = {
+ *   create: (config) => Promise.resolve(new URL(`http://${config.endpoints[0]}`)),
+ *   close: () => Promise.resolve(),
+ * };
+ * const connector = new Connector(factory);
+ * console.log(connector.cache.size); // 0: nothing is created before acquire()
+ * ```
+ */
 export interface ClientFactory<C> {
   /** Makes a client for `config`; rejects if it cannot connect. */
   create(config: ConnectionConfig): Promise<C>;
@@ -51,7 +66,24 @@ export interface ClientFactory<C> {
   close(client: C): Promise<void>;
 }
 
-/** One user's counted reference to a shared client. */
+/**
+ * One user's counted reference to a shared client.
+ *
+ * @example Give the reference back even when the work fails
+ * ```ts
+ * import type { ClientRef } from "@genesis/lock/connector";
+ *
+ * async function withClient<C, T>(ref: ClientRef<C>, work: (client: C) => T): Promise<T> {
+ *   try {
+ *     return await work(ref.client);
+ *   } finally {
+ *     await ref.release(); // the last reference closes the client
+ *   }
+ * }
+ * const ref: ClientRef<string> = { client: "conn", release: () => Promise.resolve() };
+ * console.log(await withClient(ref, (client) => client.length)); // 4
+ * ```
+ */
 export interface ClientRef<C> {
   /** The shared client. */
   readonly client: C;
@@ -59,7 +91,20 @@ export interface ClientRef<C> {
   release(): Promise<void>;
 }
 
-/** A created client and its count of users. */
+/**
+ * A created client and its count of users.
+ *
+ * @example Tell whether a client is in use
+ * ```ts
+ * import type { Shared } from "@genesis/lock/connector";
+ *
+ * // A closed client keeps its last count, so check closed first
+ * function inUse<C>(shared: Shared<C>): boolean {
+ *   return !shared.closed && shared.refs > 0;
+ * }
+ * console.log(inUse({ client: "conn", refs: 2, closed: false })); // true
+ * ```
+ */
 export interface Shared<C> {
   /** The client. */
   readonly client: C;
@@ -69,7 +114,22 @@ export interface Shared<C> {
   closed: boolean;
 }
 
-/** What the cache holds for one config hash. */
+/**
+ * What the cache holds for one config hash.
+ *
+ * @example Describe a cache entry for diagnostics
+ * ```ts
+ * import type { CacheEntry, Shared } from "@genesis/lock/connector";
+ *
+ * // A creation in flight is a promise; a created client is held only weakly
+ * function state<C>(entry: CacheEntry<C>): string {
+ *   if (entry instanceof Promise) return "connecting";
+ *   return entry.deref() === undefined ? "collected" : "open";
+ * }
+ * const shared: Shared<string> = { client: "conn", refs: 1, closed: false };
+ * console.log(state(new WeakRef(shared))); // "open"
+ * ```
+ */
 export type CacheEntry<C> = Promise<Shared<C>> | WeakRef<Shared<C>>;
 
 let hmacKey: Promise<CryptoKey> | undefined;
@@ -91,6 +151,23 @@ function processKey(): Promise<CryptoKey> {
  *
  * @param config The connection config.
  * @returns 64 hex digits; equal for equal configs within this process.
+ *
+ * @example A new password is a new connection
+ * ```ts
+ * import { type ConnectionConfig, hashConfig } from "@genesis/lock/connector";
+ *
+ * const config: ConnectionConfig = {
+ *   backend: "redis",
+ *   endpoints: ["127.0.0.1:6379"],
+ *   username: "app",
+ *   password: "old-secret",
+ *   tls: false,
+ *   dialTimeout: 5_000,
+ * };
+ * const before = await hashConfig(config); // safe to log: it reveals no secret
+ * const after = await hashConfig({ ...config, password: "new-secret" });
+ * console.log(before === after); // false
+ * ```
  */
 export async function hashConfig(config: ConnectionConfig): Promise<string> {
   const tls = config.tls === false ? false : [
@@ -119,6 +196,27 @@ export async function hashConfig(config: ConnectionConfig): Promise<string> {
  * A reference-counted cache of clients, one per distinct connection config.
  *
  * @typeParam C The client type.
+ *
+ * @example The last release closes the client and empties the cache
+ * ```ts
+ * import { type ConnectionConfig, Connector } from "@genesis/lock/connector";
+ *
+ * const connector = new Connector({
+ *   create: (config: ConnectionConfig) => Promise.resolve(config.endpoints),
+ *   close: () => Promise.resolve(),
+ * });
+ * const config: ConnectionConfig = {
+ *   backend: "memory",
+ *   endpoints: [],
+ *   username: "",
+ *   password: "",
+ *   tls: false,
+ *   dialTimeout: 5_000,
+ * };
+ * const ref = await connector.acquire(config);
+ * await ref.release(); // the last user: the client is closed
+ * console.log(connector.cache.size); // 0
+ * ```
  */
 export class Connector<C> {
   #factory: ClientFactory<C>;

@@ -77,6 +77,22 @@ export type { Options } from "../_options.ts";
  * The client {@linkcode createEtcdLocker} takes: an `Etcd3` from npm:etcd3,
  * described by the parts this backend uses, so any copy or version 1.x of the
  * package fits.
+ *
+ * @example Take the client from the rest of the app
+ * ```ts ignore
+ * import { Etcd3 } from "npm:etcd3@^1.1.2";
+ * import { createEtcdLocker, type EtcdClient } from "@genesis/lock/etcd";
+ *
+ * // Typed structurally, so the app's own copy of npm:etcd3 fits
+ * function jobLocker(client: EtcdClient) {
+ *   return createEtcdLocker(client, { ttl: 15_000 });
+ * }
+ * const client = new Etcd3({ hosts: "http://127.0.0.1:2379" });
+ * const locker = jobLocker(client);
+ * await locker.withLock("/jobs/nightly-report", () => {});
+ * await locker.close();
+ * client.close();
+ * ```
  */
 export interface EtcdClient {
   /** The KV service (ranges and transactions). */
@@ -87,7 +103,23 @@ export interface EtcdClient {
   watch(): unknown;
 }
 
-/** Options of {@linkcode createEtcdLocker}: the lease settings of `Options`. */
+/**
+ * Options of {@linkcode createEtcdLocker}: the lease settings of `Options`.
+ *
+ * @example A short lease, so a crashed holder frees the lock soon
+ * ```ts ignore
+ * import { Etcd3 } from "npm:etcd3@^1.1.2";
+ * import { createEtcdLocker, type EtcdLockerOptions } from "@genesis/lock/etcd";
+ *
+ * // etcd leases are whole seconds: ttl is rounded up
+ * const options: EtcdLockerOptions = { ttl: 5_000 };
+ * const client = new Etcd3();
+ * const locker = createEtcdLocker(client, options);
+ * await locker.withLock("/jobs/a", () => {});
+ * await locker.close();
+ * client.close();
+ * ```
+ */
 export type EtcdLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
 
 const EMPTY = Buffer.alloc(0);
@@ -709,7 +741,12 @@ class EtcdDriver implements Driver {
     const shared = this.#settings.autoRenew;
     let session: Session | undefined;
     try {
-      session = await abortable(shared ? this.#sharedSession() : this.#grant(), signal);
+      const granting = shared ? this.#sharedSession() : this.#grant();
+      session = await abortable(granting, signal).catch((error) => {
+        // An own lease granted after this call gave up must not live on.
+        if (!shared) granting.then((late) => late.close(), () => {});
+        throw error;
+      });
       const acquisition = new Acquisition(
         this.#calls,
         this.#hub,

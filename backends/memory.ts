@@ -178,7 +178,21 @@ export class MemoryStore {
   }
 }
 
-/** Options of {@linkcode createMemoryLocker}: the lease settings of `Options`. */
+/**
+ * Options of {@linkcode createMemoryLocker}: the lease settings of `Options`.
+ *
+ * @example Leases that expire, to test how the work handles a lost lock
+ * ```ts
+ * import { createMemoryLocker, type MemoryLockerOptions } from "@genesis/lock/memory";
+ *
+ * // Without renewal a lease lasts ttl, even in one process
+ * const options: MemoryLockerOptions = { ttl: 50, autoRenew: false };
+ * const locker = createMemoryLocker(undefined, options);
+ * const lease = await locker.lock("/jobs/a");
+ * await lease.release(); // before the ttl: nothing is lost
+ * await locker.close();
+ * ```
+ */
 export type MemoryLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
 
 function driverFor(

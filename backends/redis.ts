@@ -65,6 +65,19 @@ export type { Options } from "../_options.ts";
 /**
  * The client {@linkcode createRedisLocker} takes: an ioredis `Redis` or
  * `Cluster`, described by the parts this backend uses.
+ *
+ * @example Three independent servers for the Redlock quorum
+ * ```ts ignore
+ * import { Redis } from "npm:ioredis@^6.0.0";
+ * import { createRedisLocker, type RedisClient } from "@genesis/lock/redis";
+ *
+ * const servers = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map((host) => new Redis({ host }));
+ * const clients: RedisClient[] = servers; // a lock needs a majority of them
+ * const locker = createRedisLocker(clients);
+ * await locker.withLock("/jobs/a", () => {});
+ * await locker.close();
+ * for (const redis of servers) redis.disconnect();
+ * ```
  */
 export interface RedisClient {
   /** Runs a cached script. */
@@ -75,7 +88,23 @@ export interface RedisClient {
   duplicate(...args: never[]): unknown;
 }
 
-/** Options of {@linkcode createRedisLocker}: the lease settings of `Options`. */
+/**
+ * Options of {@linkcode createRedisLocker}: the lease settings of `Options`.
+ *
+ * @example A fixed lease with no renewal
+ * ```ts ignore
+ * import { Redis } from "npm:ioredis@^6.0.0";
+ * import { createRedisLocker, type RedisLockerOptions } from "@genesis/lock/redis";
+ *
+ * // The lease lasts 30 s from acquisition, however long the work runs
+ * const options: RedisLockerOptions = { ttl: 30_000, autoRenew: false };
+ * const redis = new Redis();
+ * const locker = createRedisLocker(redis, options);
+ * await locker.withLock("/jobs/a", () => {});
+ * await locker.close();
+ * redis.disconnect();
+ * ```
+ */
 export type RedisLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
 
 // KEYS: lock, fence. ARGV: token, ttl ms. Acquires and counts, or reports the wait.

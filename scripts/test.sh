@@ -69,7 +69,7 @@ deno_test() { # deno_test LABEL UNIT ARGS...: UNIT is "tests" or "steps", what t
 }
 
 summaries=()
-deno_test "doc examples" tests --doc "${entrypoints[@]}" errors.ts _locker.ts
+deno_test "doc examples" tests --doc "${entrypoints[@]}" errors.ts _locker.ts _options.ts
 deno_test "tests/" steps --v8-flags=--expose-gc tests/
 
 echo "== bun test (tests/)"

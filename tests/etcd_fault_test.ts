@@ -5,10 +5,9 @@ import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { Etcd3 } from "etcd3";
 import { LockLostError, New } from "../mod.ts";
-import { EtcdCluster, runScript } from "./_servers.ts";
+import { EtcdCluster } from "./_servers.ts";
+import { assertPausedHolderLoses } from "./_scenarios.ts";
 import { prefix, sleep, until } from "./_util.ts";
-
-const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
 /** Counts the keys under `name + "/"`. */
 function queueLength(client: Etcd3, name: string): Promise<number> {
@@ -28,40 +27,10 @@ describe("etcd: a holder process paused past its TTL", () => {
   });
 
   it("loses the lock to another process and sees the loss on its first turn after SIGCONT", async () => {
-    const name = prefix("paused");
-    const child = runScript(fixture, ["hold", "etcd", cluster.endpoints.join(","), name, "1000"]);
-    try {
-      const [, token] = await child.waitFor(/HELD (\d+)/, 20_000);
-      await child.waitFor(/TICK false/);
-      child.signal("SIGSTOP");
-      await sleep(100); // let the pipe deliver what the child printed before it stopped
-      const mark = child.output.length;
-      const locker = New({ endpoints: cluster.endpoints });
-      const started = performance.now();
-      const lease = await locker.lock(name, { timeout: 10_000 });
-      const waited = performance.now() - started;
-      assert.ok(lease.token > BigInt(token), `token ${lease.token} after ${token}`);
-      assert.ok(
-        waited < 5_000,
-        `the paused holder's 1 s lease kept the lock ${waited.toFixed(0)} ms`,
-      );
-      child.signal("SIGCONT");
-      await child.waitFor(/LOST/, 5_000);
-      const resumed = child.output.slice(mark).trim().split("\n");
-      assert.match(
-        resumed[0],
-        /^LOST Lost lock ".*": no keepalive was acknowledged/,
-        resumed.join("\n"),
-      );
-      assert.ok(
-        !resumed.includes("TICK false"),
-        "the paused holder still believed it held the lock",
-      );
-      await lease.release();
-      await locker.close();
-    } finally {
-      await child.stop();
-    }
+    await assertPausedHolderLoses(
+      { backend: "etcd", endpoints: cluster.endpoints },
+      /^LOST Lost lock ".*": no keepalive was acknowledged/,
+    );
   });
 });
 

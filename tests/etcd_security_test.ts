@@ -4,10 +4,9 @@ import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { inspect } from "node:util";
 import { LockAuthError, LockConnectionError, LockError, LockPermissionError, New } from "../mod.ts";
-import { EtcdCluster, makeCerts, runScript, type TestCerts } from "./_servers.ts";
-import { prefix, within } from "./_util.ts";
-
-const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
+import { EtcdCluster, makeCerts, type TestCerts } from "./_servers.ts";
+import { assertExitsAfterClose } from "./_scenarios.ts";
+import { prefix } from "./_util.ts";
 
 const ROOT = "root-pw-9f1c";
 const PASSWORD = "app-Secret-7d3e";
@@ -66,20 +65,12 @@ describe("etcd with authentication", { sanitizeOps: false, sanitizeResources: fa
   });
 
   it("lets the process exit by itself after close()", async () => {
-    const child = runScript(fixture, [
-      "exit",
-      "etcd",
-      cluster.endpoints.join(","),
-      `/app${prefix()}`,
-      "5000",
-    ], {
-      GENESIS_USERNAME: "app",
-      GENESIS_PASSWORD: PASSWORD,
-    });
-    await child.waitFor(/CLOSED/, 20_000);
-    const code = await within(child.exited, 5_000, "still running");
-    if (code === "still running") await child.stop();
-    assert.equal(code, 0, `the process did not exit after close():\n${child.output}`);
+    const target = {
+      backend: "etcd" as const,
+      endpoints: cluster.endpoints,
+      env: { GENESIS_USERNAME: "app", GENESIS_PASSWORD: PASSWORD },
+    };
+    await assertExitsAfterClose(target, "exit", `/app${prefix()}`);
   });
 
   it("rejects a key outside the user's role with a LockPermissionError", async () => {

@@ -6,8 +6,9 @@ import { Etcd3 } from "etcd3";
 import { type Lease, LockConnectionError, New } from "../mod.ts";
 import { createEtcdLocker } from "../backends/etcd.ts";
 import { conformance } from "./_conformance.ts";
-import { type Child, EtcdCluster, freePort, runScript } from "./_servers.ts";
-import { isPending, prefix, sleep, until, within } from "./_util.ts";
+import { assertExitsAfterClose } from "./_scenarios.ts";
+import { type Child, EtcdCluster, freePort } from "./_servers.ts";
+import { isPending, prefix, sleep, until } from "./_util.ts";
 
 let cluster: EtcdCluster;
 let probe: Etcd3;
@@ -21,8 +22,6 @@ async function queue(name: string): Promise<{ key: string; rev: bigint; lease: s
     lease: BigInt(kv.lease).toString(16),
   }));
 }
-
-const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
 describe("etcd backend", () => {
   before(async () => {
@@ -190,17 +189,7 @@ describe("etcd backend", () => {
     });
 
     it("lets the process exit by itself after close()", async () => {
-      const child = runScript(fixture, [
-        "exit",
-        "etcd",
-        cluster.endpoints.join(","),
-        prefix("exit"),
-        "5000",
-      ]);
-      await child.waitFor(/CLOSED/, 20_000);
-      const code = await within(child.exited, 5_000, "still running");
-      if (code === "still running") await child.stop();
-      assert.equal(code, 0, `the process did not exit after close():\n${child.output}`);
+      await assertExitsAfterClose({ backend: "etcd", endpoints: cluster.endpoints }, "exit");
     });
   });
 
@@ -292,17 +281,7 @@ describe("etcd connection failures", { sanitizeOps: false, sanitizeResources: fa
   });
 
   it("lets the process exit by itself after a failed connect and close()", async () => {
-    const port = await freePort();
-    const child = runScript(fixture, [
-      "refused",
-      "etcd",
-      `127.0.0.1:${port}`,
-      prefix("gone"),
-      "5000",
-    ]);
-    await child.waitFor(/CLOSED/, 20_000);
-    const code = await within(child.exited, 5_000, "still running");
-    if (code === "still running") await child.stop();
-    assert.equal(code, 0, `the process did not exit after close():\n${child.output}`);
+    const endpoints = [`127.0.0.1:${await freePort()}`];
+    await assertExitsAfterClose({ backend: "etcd", endpoints }, "refused");
   });
 });

@@ -5,8 +5,9 @@ import { Redis } from "ioredis";
 import { LockLostError, LockTimeoutError, New } from "../mod.ts";
 import { createRedisLocker } from "../backends/redis.ts";
 import { conformance } from "./_conformance.ts";
+import { assertExitsAfterClose, assertPausedHolderLoses } from "./_scenarios.ts";
 import { type Child, RedisServer, runScript } from "./_servers.ts";
-import { prefix, Provoked, sleep, until, within } from "./_util.ts";
+import { prefix, Provoked, sleep, until } from "./_util.ts";
 
 const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
@@ -101,11 +102,7 @@ describe("redis backend", () => {
     });
 
     it("lets the process exit by itself after close()", async () => {
-      const child = runScript(fixture, ["exit", "redis", server.endpoint, prefix("exit"), "5000"]);
-      await child.waitFor(/CLOSED/, 20_000);
-      const code = await within(child.exited, 5_000, "still running");
-      if (code === "still running") await child.stop();
-      assert.equal(code, 0, `the process did not exit after close():\n${child.output}`);
+      await assertExitsAfterClose({ backend: "redis", endpoints: [server.endpoint] }, "exit");
     });
   });
 
@@ -151,34 +148,10 @@ describe("redis backend", () => {
 
   describe("a holder process paused past its TTL", () => {
     it("loses the lock to another process and sees the loss on its first turn after SIGCONT", async () => {
-      const name = prefix("paused");
-      const child = runScript(fixture, ["hold", "redis", server.endpoint, name, "1000"]);
-      try {
-        const [, token] = await child.waitFor(/HELD (\d+)/, 20_000);
-        await child.waitFor(/TICK false/);
-        child.signal("SIGSTOP");
-        await sleep(100);
-        const mark = child.output.length;
-        const locker = New({ backend: "redis", endpoints: [server.endpoint] });
-        const lease = await locker.lock(name, { timeout: 10_000 });
-        assert.ok(lease.token > BigInt(token));
-        child.signal("SIGCONT");
-        await child.waitFor(/LOST/, 5_000);
-        const resumed = child.output.slice(mark).trim().split("\n");
-        assert.match(
-          resumed[0],
-          /^LOST Lost lock ".*": its 1000 ms lease ran out/,
-          resumed.join("\n"),
-        );
-        assert.ok(
-          !resumed.includes("TICK false"),
-          "the paused holder still believed it held the lock",
-        );
-        await lease.release();
-        await locker.close();
-      } finally {
-        await child.stop();
-      }
+      await assertPausedHolderLoses(
+        { backend: "redis", endpoints: [server.endpoint] },
+        /^LOST Lost lock ".*": its 1000 ms lease ran out/,
+      );
     });
   });
 
