@@ -68,6 +68,7 @@ import {
   type ResolvedOptions,
   resolveOptions,
 } from "../_options.ts";
+import { LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
 import { endStream, type Watch, WatchHub } from "./_etcd_watch.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
@@ -254,13 +255,9 @@ class Session {
   readonly ttl: number;
   readonly #calls: Calls;
   readonly #controller = new AbortController();
-  readonly #retryInterval: number;
-  #deadline: number;
-  #renewing: boolean;
-  #renewTimer?: ReturnType<typeof setTimeout>;
-  #lossTimer?: ReturnType<typeof setTimeout>;
+  readonly #clock: LeaseClock;
   #closed = false;
-  /** Keys whose fenced delete failed; retried on each renewal tick. */
+  /** Keys whose fenced delete failed; retried before each keepalive. */
   readonly #orphans = new Map<string, string>();
 
   private constructor(
@@ -268,18 +265,21 @@ class Session {
     id: string,
     ttl: number,
     sentAt: number,
-    renew: boolean,
     retryInterval: number,
   ) {
     this.#calls = calls;
     this.id = id;
     this.hex = BigInt(id).toString(16);
     this.ttl = ttl;
-    this.#deadline = sentAt + ttl;
-    this.#renewing = renew;
-    this.#retryInterval = retryInterval;
-    this.#armLoss();
-    if (renew) this.#scheduleRenewal(ttl / 3);
+    this.#clock = new LeaseClock({
+      deadline: sentAt + ttl,
+      period: ttl / 3,
+      // After a failure, try again soon: the deadline is what decides loss.
+      retry: Math.min(retryInterval * 5, ttl / 6),
+      renew: () => this.#renew(),
+      lapse: (detail) => this.#controller.abort(detail),
+      expired: `no keepalive was acknowledged within the ${ttl} ms lease`,
+    });
   }
 
   /** Grants a lease of `ttlMs` (rounded up to whole seconds) and starts keeping it alive. */
@@ -290,7 +290,7 @@ class Session {
     if (!(granted > 0)) {
       throw new LockError(`Cannot grant an etcd lease: ${response.error || "no TTL"}`);
     }
-    return new Session(calls, response.ID, granted, sentAt, true, retryInterval);
+    return new Session(calls, response.ID, granted, sentAt, retryInterval);
   }
 
   /** Aborts when the lease is gone; its reason is why, as a phrase. */
@@ -299,7 +299,7 @@ class Session {
   }
 
   get alive(): boolean {
-    return !this.signal.aborted && performance.now() < this.#deadline;
+    return !this.#clock.check();
   }
 
   /**
@@ -308,79 +308,30 @@ class Session {
    * grant that may have come long before, while waiting.
    */
   async stopRenewing(refresh: boolean): Promise<void> {
-    this.#renewing = false;
-    clearTimeout(this.#renewTimer);
-    if (refresh) await this.#renew();
+    this.#clock.stopRenewing();
+    if (refresh) await this.#clock.renewNow();
   }
 
   /** Remembers a key whose delete failed, to retry until the lease ends. */
   orphan(key: string, createRevision: string) {
     this.#orphans.set(key, createRevision);
-    if (!this.#renewing) this.#scheduleRenewal(this.#retryInterval);
-  }
-
-  #armLoss() {
-    clearTimeout(this.#lossTimer);
-    this.#lossTimer = setTimeout(() => {
-      // Timers and the monotonic clock can disagree by a fraction of a millisecond.
-      if (!this.#checkDeadline()) this.#armLoss();
-    }, Math.max(0, this.#deadline - performance.now()));
   }
 
   /** Aborts `signal` if the deadline has passed; whether it is aborted. */
   checkDeadline(): boolean {
-    return this.#checkDeadline();
+    return this.#clock.check();
   }
 
-  #checkDeadline(): boolean {
-    if (this.signal.aborted) return true;
-    const late = performance.now() - this.#deadline;
-    if (late < 0) return false;
-    this.#lose(`no keepalive was acknowledged within the ${this.ttl} ms lease`);
-    return true;
-  }
-
-  #lose(detail: string) {
-    if (this.signal.aborted) return;
-    clearTimeout(this.#renewTimer);
-    clearTimeout(this.#lossTimer);
-    this.#controller.abort(detail);
-  }
-
-  #scheduleRenewal(after: number) {
-    clearTimeout(this.#renewTimer);
-    this.#renewTimer = setTimeout(() => this.#tick(), after);
-  }
-
-  async #tick() {
-    // A process that was paused runs this late: decide loss before sending anything.
-    if (this.#closed || this.#checkDeadline()) return;
+  /** One keepalive, after retrying the deletes that failed. */
+  async #renew(): Promise<Renewal> {
     await this.#cleanOrphans();
-    if (!this.#renewing) {
-      if (this.#orphans.size > 0) this.#scheduleRenewal(this.#retryInterval);
-      return;
-    }
-    const ok = await this.#renew();
-    if (this.#closed || this.signal.aborted) return;
-    // After a failure, try again soon: the deadline is what decides loss.
-    this.#scheduleRenewal(ok ? this.ttl / 3 : Math.min(this.#retryInterval * 5, this.ttl / 6));
-  }
-
-  /** One keepalive; moves the deadline on success. Never throws. */
-  async #renew(): Promise<boolean> {
     const sentAt = performance.now();
     try {
-      const ttl = await this.#calls.keepalive(this.id, Math.max(1, this.#deadline - sentAt));
-      if (this.signal.aborted) return false;
-      if (ttl <= 0) {
-        this.#lose("the lease expired on the server");
-        return false;
-      }
-      this.#deadline = Math.max(this.#deadline, sentAt + ttl * 1000);
-      this.#armLoss();
-      return true;
+      const ttl = await this.#calls.keepalive(this.id, Math.max(1, this.#clock.deadline - sentAt));
+      if (ttl <= 0) return { lost: "the lease expired on the server" };
+      return { ok: true, deadline: sentAt + ttl * 1000 };
     } catch {
-      return false;
+      return { ok: false };
     }
   }
 
@@ -395,13 +346,11 @@ class Session {
     }
   }
 
-  /** Stops the timers and revokes the lease, which deletes every key on it. */
+  /** Stops the clock and revokes the lease, which deletes every key on it. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    clearTimeout(this.#renewTimer);
-    clearTimeout(this.#lossTimer);
-    this.#lose("the session was closed");
+    this.#clock.lose("the session was closed");
     try {
       await this.#calls.revoke(this.id);
     } catch {

@@ -27,16 +27,15 @@
 import { Connector } from "../connector.ts";
 import { LockLostError } from "../errors.ts";
 import { type Driver, DriverLocker, type Grant, type Locker } from "../_locker.ts";
+import { LeaseClock } from "../_lease_clock.ts";
 import { type LeaseSettings, type Options, resolveOptions } from "../_options.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
 
 interface Holder {
   readonly grant: Grant;
-  readonly controller: AbortController;
-  timer?: ReturnType<typeof setTimeout>;
-  /** When the lease expires, on the monotonic clock (Infinity: never). */
-  expiresAt: number;
+  /** The expiry of a lease with a TTL; none for one that lasts until released. */
+  readonly clock?: LeaseClock;
 }
 
 interface Waiter {
@@ -135,36 +134,34 @@ export class MemoryStore {
 
   #grant(key: string, slot: Slot, ttl: number | undefined): Grant {
     const controller = new AbortController();
-    const expire = () => {
-      if (slot.holder !== holder) return;
-      // The holder hears of the loss before the next holder is granted.
-      controller.abort(new LockLostError(key, `lease expired after ${ttl} ms`));
-      this.#handOff(key, slot);
-    };
+    const clock = ttl === undefined ? undefined : new LeaseClock({
+      deadline: performance.now() + ttl,
+      period: ttl,
+      retry: ttl,
+      lapse: (detail) => {
+        // The holder hears of the loss before the next holder is granted.
+        controller.abort(new LockLostError(key, detail));
+        if (slot.holder === holder) this.#handOff(key, slot);
+      },
+      expired: `lease expired after ${ttl} ms`,
+    });
     const grant: Grant = {
       token: ++this.#counter,
       signal: controller.signal,
-      check: () => {
-        if (performance.now() >= holder.expiresAt) expire();
-      },
+      check: () => void clock?.check(),
       release: () => {
         // Fenced: only the current holder's release frees the key.
         if (slot.holder === holder) this.#handOff(key, slot);
         return Promise.resolve();
       },
     };
-    const holder: Holder = {
-      grant,
-      controller,
-      expiresAt: ttl === undefined ? Infinity : performance.now() + ttl,
-    };
-    if (ttl !== undefined) holder.timer = setTimeout(expire, ttl);
+    const holder: Holder = { grant, clock };
     slot.holder = holder;
     return grant;
   }
 
   #handOff(key: string, slot: Slot) {
-    clearTimeout(slot.holder?.timer);
+    slot.holder?.clock?.stop();
     slot.holder = undefined;
     const next = slot.waiters.shift();
     if (next === undefined) return this.#prune(key);

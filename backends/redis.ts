@@ -58,6 +58,7 @@ import {
   type ResolvedOptions,
   resolveOptions,
 } from "../_options.ts";
+import { LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
@@ -545,9 +546,9 @@ class RedisDriver implements Driver {
   }
 
   /**
-   * The held lock. Loss is decided locally: the deadline is the send time of
-   * the last acquisition or renewal that a quorum confirmed, plus the TTL,
-   * less the drift allowance, on the monotonic clock. A renewal that Redis
+   * The held lock. Loss is decided locally (see `LeaseClock`): the deadline
+   * is the send time of the last acquisition or renewal that a quorum
+   * confirmed, plus the TTL, less the drift allowance. A renewal that Redis
    * refuses (the key is gone or someone else's) loses the lock at once.
    */
   #hold(
@@ -560,39 +561,7 @@ class RedisDriver implements Driver {
     const instances = this.#instances;
     const name = keys.name;
     const controller = new AbortController();
-    let deadline = sentAt + ttl - drift(ttl);
-    let renewAt = autoRenew ? sentAt + ttl / 3 : Infinity;
-    let renewing = false;
-    let ended = false;
-    // One timer per lease, for whichever comes first: the next renewal or the deadline.
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const schedule = () => {
-      clearTimeout(timer);
-      const next = renewing ? deadline : Math.min(renewAt, deadline);
-      timer = setTimeout(tick, Math.max(0, next - performance.now()));
-    };
-    const end = () => {
-      ended = true;
-      clearTimeout(timer);
-    };
-    const lose = (detail: string) => {
-      if (ended) return;
-      end();
-      controller.abort(new LockLostError(name, detail));
-    };
-    const checkDeadline = () => {
-      if (!ended && performance.now() >= deadline) {
-        lose(`its ${ttl} ms lease ran out before a renewal was confirmed`);
-      }
-      return ended;
-    };
-    const tick = () => {
-      if (checkDeadline()) return;
-      if (!renewing && performance.now() >= renewAt) void renew();
-      schedule();
-    };
-    const renew = async () => {
-      renewing = true;
+    const renew = async (): Promise<Renewal> => {
       const sent = performance.now();
       const replies = await Promise.all(
         instances.list.map((instance) =>
@@ -602,26 +571,30 @@ class RedisDriver implements Driver {
           )
         ),
       );
-      renewing = false;
-      if (ended) return;
       const renewed = replies.filter((r) => r === "renewed").length;
       const refused = replies.filter((r) => r === "refused").length;
       if (instances.list.length - refused < instances.quorum) {
-        return lose("its key was deleted or taken over");
+        return { lost: "its key was deleted or taken over" };
       }
-      const ok = renewed >= instances.quorum;
-      if (ok) deadline = Math.max(deadline, sent + ttl - drift(ttl));
-      // After a failure try again soon; the deadline is what decides loss.
-      renewAt = performance.now() + (ok ? ttl / 3 : Math.min(ttl / 6, 500));
-      schedule();
+      return renewed >= instances.quorum
+        ? { ok: true, deadline: sent + ttl - drift(ttl) }
+        : { ok: false };
     };
-    schedule();
+    const clock = new LeaseClock({
+      deadline: sentAt + ttl - drift(ttl),
+      period: ttl / 3,
+      // After a failure try again soon; the deadline is what decides loss.
+      retry: Math.min(ttl / 6, 500),
+      renew: autoRenew ? renew : undefined,
+      lapse: (detail) => controller.abort(new LockLostError(name, detail)),
+      expired: `its ${ttl} ms lease ran out before a renewal was confirmed`,
+    });
     return {
       token: fence,
       signal: controller.signal,
-      check: () => void checkDeadline(),
+      check: () => void clock.check(),
       release: async () => {
-        end();
+        clock.stop();
         const replies = await Promise.all(
           instances.list.map((instance) =>
             instances.run(instance, RELEASE, [keys.lock], [token, keys.channel]).then(
