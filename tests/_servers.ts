@@ -14,6 +14,7 @@ const PACKAGES: Record<string, string> = {
   etcdctl: "etcd-client",
   "redis-server": "redis-server",
   "redis-cli": "redis-tools (a dependency of redis-server)",
+  node: "nodejs",
   openssl: "openssl",
 };
 
