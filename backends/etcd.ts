@@ -499,7 +499,10 @@ class Acquisition {
       });
       const mine = response.responses[1].response_range.kvs[0];
       if (mine === undefined || mine.create_revision !== revision) {
-        throw new LockLostError(this.#name, "the session lease expired while waiting");
+        throw new LockLostError(
+          this.#name,
+          "its queued key was deleted, or its session expired, while it waited",
+        );
       }
       const predecessor = response.responses[0].response_range.kvs[0];
       if (predecessor === undefined) return response.header;

@@ -3,12 +3,12 @@ import assert from "node:assert/strict";
 import { createServer, type Socket } from "node:net";
 import { inspect } from "node:util";
 import { Etcd3 } from "etcd3";
-import { type Lease, LockConnectionError, New } from "../mod.ts";
+import { type Lease, LockConnectionError, LockLostError, New } from "../mod.ts";
 import { createEtcdLocker } from "../backends/etcd.ts";
 import { conformance } from "./_conformance.ts";
 import { assertExitsAfterClose } from "./_scenarios.ts";
-import { type Child, EtcdCluster, freePort } from "./_servers.ts";
-import { isPending, prefix, sleep, until } from "./_util.ts";
+import { type Child, EtcdCluster, freePort, runScript } from "./_servers.ts";
+import { isPending, prefix, sleep, until, within } from "./_util.ts";
 
 let cluster: EtcdCluster;
 let probe: Etcd3;
@@ -22,6 +22,8 @@ async function queue(name: string): Promise<{ key: string; rev: bigint; lease: s
     lease: BigInt(kv.lease).toString(16),
   }));
 }
+
+const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
 describe("etcd backend", () => {
   before(async () => {
@@ -135,6 +137,58 @@ describe("etcd backend", () => {
   });
 
   describe("fairness and liveness", () => {
+    it("re-reads its own key after waiting, and rejects a waiter whose key was deleted", async () => {
+      const name = prefix("deleted-waiter");
+      const holder = New({ endpoints: cluster.endpoints });
+      const waiter = New({ endpoints: cluster.endpoints });
+      const held = await holder.lock(name);
+      const waiting = waiter.lock(name, { timeout: 10_000 });
+      await until(async () => (await queue(name)).length === 2, 5_000, "the waiter to queue");
+      const [, mine] = await queue(name);
+      await probe.delete().key(mine.key); // behind the waiter's back; its session lives on
+      await held.release();
+      await assert.rejects(waiting, (error) => {
+        assert.ok(error instanceof LockLostError, String(error));
+        assert.match(
+          error.message,
+          /its queued key was deleted, or its session expired, while it waited/,
+        );
+        return true;
+      });
+      assert.deepEqual(await queue(name), []);
+      await Promise.all([holder.close(), waiter.close()]);
+    });
+
+    it("rejects, never grants, a waiter whose session expired while it was queued", async () => {
+      // etcd-io/etcd#11456: etcd 3.4's own etcdctl lock grants this waiter.
+      const name = prefix("expired-waiter");
+      const holder = New({ endpoints: cluster.endpoints });
+      const held = await holder.lock(name);
+      const child = runScript(fixture, ["hold", "etcd", cluster.endpoints.join(","), name, "1000"]);
+      try {
+        await until(async () => (await queue(name)).length === 2, 20_000, "the child to queue");
+        child.signal("SIGSTOP");
+        // Its 1 s lease runs out while it is stopped, and its key goes with it.
+        await until(
+          async () => (await queue(name)).length === 1,
+          5_000,
+          "the waiter's key to expire",
+        );
+        await held.release();
+        child.signal("SIGCONT");
+        const code = await within(child.exited, 10_000, "still running");
+        assert.notEqual(code, "still running", `the waiter was granted:\n${child.output}`);
+        assert.doesNotMatch(child.output, /HELD/);
+        assert.match(
+          child.output,
+          /LockLostError: Lost lock ".*": (the session lease expired while waiting|its queued key was deleted)|no keepalive was acknowledged/,
+        );
+      } finally {
+        await child.stop();
+        await holder.close();
+      }
+    });
+
     it("keeps a later waiter behind the holder when the waiter before it dies", async () => {
       const name = prefix("dead-waiter");
       const holder = New({ endpoints: cluster.endpoints });

@@ -1,12 +1,13 @@
 import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
+import { createServer, type Socket } from "node:net";
 import { inspect } from "node:util";
 import { Redis } from "ioredis";
-import { LockLostError, LockTimeoutError, New } from "../mod.ts";
+import { LockConnectionError, LockLostError, LockTimeoutError, New } from "../mod.ts";
 import { createRedisLocker } from "../backends/redis.ts";
 import { conformance } from "./_conformance.ts";
 import { assertExitsAfterClose, assertPausedHolderLoses } from "./_scenarios.ts";
-import { type Child, RedisServer, runScript } from "./_servers.ts";
+import { type Child, freePort, RedisServer, runScript } from "./_servers.ts";
 import { prefix, Provoked, sleep, until } from "./_util.ts";
 
 const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
@@ -175,6 +176,42 @@ describe("redis backend", () => {
         message: 'Invalid argument "client": expected an ioredis Redis or Cluster client',
       });
     });
+  });
+});
+
+describe("redis connection", () => {
+  it("rejects with a LockConnectionError naming the endpoint when nothing listens", async () => {
+    const endpoint = `127.0.0.1:${await freePort()}`;
+    const locker = New({ backend: "redis", endpoints: [endpoint], dialTimeout: 500 });
+    const started = performance.now();
+    const error = keep(await locker.lock(prefix("down")).catch((e) => e));
+    assert.ok(error instanceof LockConnectionError, inspect(error));
+    assert.ok(error.message.startsWith(`Cannot connect to Redis at ${endpoint}: `), error.message);
+    assert.ok(performance.now() - started < 500 + 500);
+    await locker.close();
+  });
+
+  it("rejects within dialTimeout when the server accepts but never answers", async () => {
+    const sockets: Socket[] = [];
+    const blackHole = createServer((socket) => void sockets.push(socket));
+    await new Promise<void>((resolve) => blackHole.listen(0, "127.0.0.1", resolve));
+    const endpoint = `127.0.0.1:${(blackHole.address() as { port: number }).port}`;
+    const locker = New({ backend: "redis", endpoints: [endpoint], dialTimeout: 500 });
+    try {
+      const started = performance.now();
+      const error = keep(await locker.lock(prefix("hung")).catch((e) => e));
+      const elapsed = performance.now() - started;
+      assert.ok(error instanceof LockConnectionError, inspect(error));
+      assert.equal(
+        error.message,
+        `Cannot connect to Redis at ${endpoint}: no answer within 500 ms`,
+      );
+      assert.ok(elapsed >= 450 && elapsed < 1_500, `took ${elapsed.toFixed(0)} ms`);
+    } finally {
+      await locker.close();
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => blackHole.close(resolve));
+    }
   });
 });
 
