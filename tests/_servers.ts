@@ -507,3 +507,54 @@ export class RedisServer implements AsyncDisposable {
     return this.stop();
   }
 }
+
+/** A Redis Cluster of three masters (no replicas) on loopback, made with redis-cli. */
+export class RedisClusterServers implements AsyncDisposable {
+  readonly servers: RedisServer[];
+
+  private constructor(servers: RedisServer[]) {
+    this.servers = servers;
+  }
+
+  /** Starts three cluster-enabled servers, joins them, and waits for cluster_state:ok. */
+  static async start(): Promise<RedisClusterServers> {
+    requireBinary("redis-cli");
+    const args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+    const servers = await Promise.all([0, 1, 2].map(() => RedisServer.start({ args })));
+    const cluster = new RedisClusterServers(servers);
+    try {
+      execFileSync("redis-cli", [
+        "--cluster",
+        "create",
+        ...servers.map((s) => s.endpoint),
+        "--cluster-replicas",
+        "0",
+        "--cluster-yes",
+      ], { stdio: "pipe" });
+      const deadline = performance.now() + 20_000;
+      while (!servers.every((s) => s.cli(["CLUSTER", "INFO"]).includes("cluster_state:ok"))) {
+        if (performance.now() > deadline) {
+          throw new Error("The Redis Cluster did not reach cluster_state:ok");
+        }
+        await sleep(100);
+      }
+    } catch (error) {
+      await cluster.stop();
+      throw error;
+    }
+    return cluster;
+  }
+
+  /** The seed nodes, as ioredis's Cluster takes them. */
+  get nodes(): { host: string; port: number }[] {
+    return this.servers.map((s) => ({ host: "127.0.0.1", port: s.port }));
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.servers.map((s) => s.stop()));
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+}
