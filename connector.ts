@@ -41,6 +41,7 @@
  */
 
 import type { ConnectionConfig } from "./_options.ts";
+import { toHex } from "./_hex.ts";
 export type { ConnectionConfig, TlsOptions } from "./_options.ts";
 
 /**
@@ -189,7 +190,7 @@ export async function hashConfig(config: ConnectionConfig): Promise<string> {
     await processKey(),
     new TextEncoder().encode(canonical),
   );
-  return Array.from(new Uint8Array(mac), (b) => b.toString(16).padStart(2, "0")).join("");
+  return toHex(mac);
 }
 
 /**

@@ -60,6 +60,7 @@ import {
 } from "../_options.ts";
 import { LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
+import { toHex } from "../_hex.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
 
@@ -146,8 +147,7 @@ function keysOf(name: string) {
 
 /** A random token: 128 bits from Web Crypto, as hex. */
 function randomToken(): string {
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return toHex(crypto.getRandomValues(new Uint8Array(16)));
 }
 
 const shas = new Map<string, string>();
@@ -155,10 +155,43 @@ const shas = new Map<string, string>();
 /** The SHA-1 of a script, as EVALSHA wants it; computed once per script. */
 async function sha1(script: string): Promise<string> {
   const digest = await crypto.subtle.digest("SHA-1", new TextEncoder().encode(script));
-  const sha = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+  const sha = toHex(digest);
   shas.set(script, sha);
   return sha;
 }
+
+/** What kind of failure a client's error message reports. */
+type Kind = "auth" | "permission" | "connection" | "other";
+
+function kindOf(text: string): Kind {
+  if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
+    return "auth";
+  }
+  if (/^NOPERM|can't run this command/.test(text)) return "permission";
+  if (
+    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|Connection is closed|Stream isn't writeable|connect|MaxRetriesPerRequest|Reached the max retries|socket|TLS|certificate|SSL/i
+      .test(text)
+  ) {
+    return "connection";
+  }
+  return "other";
+}
+
+/** A typed error of `kind` with `message`. */
+function errorOf(kind: Kind, message: string, options: ErrorOptions): LockError {
+  if (kind === "auth") return new LockAuthError(message, options);
+  if (kind === "permission") return new LockPermissionError(message, options);
+  if (kind === "connection") return new LockConnectionError(message, options);
+  return new LockError(message, options);
+}
+
+/** How a failure of each kind reads, for the instance at `where`. */
+const PHRASES: Record<Kind, (where: string) => string> = {
+  auth: (where) => `Redis at ${where} rejected the credentials`,
+  permission: (where) => `permission denied by Redis at ${where}`,
+  connection: (where) => `Redis at ${where} is unreachable`,
+  other: (where) => `Redis at ${where} answered`,
+};
 
 /** What a client's failure means to a caller. */
 function translate(
@@ -169,26 +202,8 @@ function translate(
 ): LockError {
   if (error instanceof LockError) return error;
   const cause = scrub(error, secrets);
-  const text = cause.message;
-  if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
-    return new LockAuthError(`${action}: Redis at ${where} rejected the credentials: ${text}`, {
-      cause,
-    });
-  }
-  if (/^NOPERM|can't run this command/.test(text)) {
-    return new LockPermissionError(`${action}: permission denied by Redis at ${where}: ${text}`, {
-      cause,
-    });
-  }
-  if (
-    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|Connection is closed|Stream isn't writeable|connect|MaxRetriesPerRequest|Reached the max retries|socket|TLS|certificate|SSL/i
-      .test(text)
-  ) {
-    return new LockConnectionError(`${action}: Redis at ${where} is unreachable: ${text}`, {
-      cause,
-    });
-  }
-  return new LockError(`${action}: Redis at ${where} answered: ${text}`, { cause });
+  const kind = kindOf(cause.message);
+  return errorOf(kind, `${action}: ${PHRASES[kind](where)}: ${cause.message}`, { cause });
 }
 
 type Listener = () => void;
@@ -296,6 +311,20 @@ class Instances {
 
   error(error: unknown, action: string, where: string, token?: string): LockError {
     return translate(error, action, where, token ? [...this.#secrets, token] : this.#secrets);
+  }
+
+  /** A copy of a client's error that holds no secret and no `token`. */
+  scrub(error: unknown, token: string): Error {
+    return scrub(error, [...this.#secrets, token]);
+  }
+
+  /** What a client's error says, without secrets. */
+  detail(error: unknown, token: string): string {
+    return this.scrub(error, token).message;
+  }
+
+  kind(error: unknown): Kind {
+    return kindOf(String((error as Error)?.message ?? error));
   }
 
   /** Runs a script by SHA, loading it on NOSCRIPT. */
@@ -464,9 +493,8 @@ class RedisDriver implements Driver {
     const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
       a.kind === "failed"
     );
-    const fatal = failed.map((f) => this.#instances.error(f.error, action, "", token))
-      .find((e) => e instanceof LockAuthError || e instanceof LockPermissionError);
-    if (fatal) throw this.#describe(fatal, results, action, token);
+    const fatal = failed.find((f) => ["auth", "permission"].includes(instances.kind(f.error)));
+    if (fatal) throw this.#describe(fatal.error, results, action, token);
     if (instances.list.length - failed.length < instances.quorum) {
       throw this.#describe(undefined, results, action, token);
     }
@@ -476,7 +504,7 @@ class RedisDriver implements Driver {
 
   /** An error that says what each instance answered. */
   #describe(
-    fatal: LockError | undefined,
+    fatal: unknown,
     results: Answer[],
     action: string,
     token: string,
@@ -486,9 +514,7 @@ class RedisDriver implements Driver {
       const where = list[i].name;
       if (answer.kind === "acquired") return `${where} granted it`;
       if (answer.kind === "held") return `${where} has it held by another holder`;
-      return `${where}: ${
-        this.#instances.error(answer.error, "", where, token).message.replace(/^: /, "")
-      }`;
+      return `${where}: ${this.#instances.detail(answer.error, token)}`;
     });
     const reached = results.filter((a) => a.kind !== "failed").length;
     if (list.length === 1) {
@@ -501,10 +527,9 @@ class RedisDriver implements Driver {
       `${action}: ${reached} of ${list.length} Redis instances answered (${this.#instances.quorum} needed): ${
         parts.join("; ")
       }`;
-    const options = { cause: fatal?.cause };
-    if (fatal instanceof LockAuthError) return new LockAuthError(summary, options);
-    if (fatal instanceof LockPermissionError) return new LockPermissionError(summary, options);
-    return new LockConnectionError(summary, options);
+    if (fatal === undefined) return new LockConnectionError(summary);
+    const instances = this.#instances;
+    return errorOf(instances.kind(fatal), summary, { cause: instances.scrub(fatal, token) });
   }
 
   /** Redlock: raises the fencing counter on the acquired instances to the token. */
