@@ -327,7 +327,11 @@ class Session {
     await this.#cleanOrphans();
     const sentAt = performance.now();
     try {
-      const ttl = await this.#calls.keepalive(this.id, Math.max(1, this.#clock.deadline - sentAt));
+      // A keepalive sent to a member that hangs (no leader during an election)
+      // must not use up the lease: give up on it after a sixth of the TTL and
+      // try again, through whichever member answers.
+      const within = Math.min(this.#clock.deadline - sentAt, Math.max(this.ttl / 6, 250));
+      const ttl = await this.#calls.keepalive(this.id, Math.max(1, within));
       if (ttl <= 0) return { lost: "the lease expired on the server" };
       return { ok: true, deadline: sentAt + ttl * 1000 };
     } catch {
