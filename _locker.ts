@@ -160,8 +160,43 @@ export interface Driver {
    * Only one call per key is in flight at a time.
    */
   acquire(key: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined>;
+  /**
+   * Gives back, at `close()`, every grant this driver made that is still
+   * held (etcd revokes its session lease: one call for every key on it).
+   * Optional: without it, each grant's `release()` runs, a bounded number at
+   * a time. Tries every grant before it rejects with the first failure.
+   */
+  releaseAll?(grants: Grant[]): Promise<void>;
   /** Stops timers and gives back the client. Called once, after every release. */
   close(): Promise<void>;
+}
+
+/** How many releases `close()` keeps in flight at once: never a burst a server refuses. */
+const CLOSE_CONCURRENCY = 32;
+
+/**
+ * Runs `fn` on every item, at most `limit` at a time, and resolves the
+ * failures (after every item was tried).
+ */
+export async function settleEach<T>(
+  items: readonly T[],
+  limit: number,
+  fn: (item: T) => Promise<unknown>,
+): Promise<unknown[]> {
+  const failures: unknown[] = [];
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const item = items[next++];
+      try {
+        await fn(item);
+      } catch (error) {
+        failures.push(error);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return failures;
 }
 
 /** Resolves what `promise` resolves, or rejects with `signal.reason` first. */
@@ -309,36 +344,41 @@ class HeldLease implements Lease {
   readonly key: string;
   readonly token: bigint;
   readonly #grant: Grant;
+  readonly #controller = new AbortController();
   #ended = false;
-  readonly #onEnd: () => void;
+  readonly #onEnd: (lease: HeldLease) => void;
   #released?: Promise<void>;
 
-  constructor(key: string, grant: Grant, onEnd: () => void) {
+  constructor(key: string, grant: Grant, onEnd: (lease: HeldLease) => void) {
     this.key = key;
     this.token = grant.token;
     this.#grant = grant;
     this.#onEnd = onEnd;
     // A lost lease stops counting as held at once, so unlock() and the next
     // in-process waiter do not wait for the holder to notice.
-    if (grant.signal.aborted) this.#end();
-    else grant.signal.addEventListener("abort", () => this.#end(), { once: true });
+    grant.signal.addEventListener("abort", () => this.#lose(grant.signal.reason), { once: true });
   }
 
   get signal(): AbortSignal {
     if (!this.#ended) this.#grant.check?.();
-    return this.#grant.signal;
+    return this.#controller.signal;
+  }
+
+  #lose(reason: unknown) {
+    this.#controller.abort(reason);
+    this.#end();
   }
 
   #end() {
     if (this.#ended) return;
     this.#ended = true;
-    this.#onEnd();
+    this.#onEnd(this);
   }
 
   release(): Promise<void> {
     return this.#released ??= (async () => {
       try {
-        if (!this.signal.aborted) await this.#grant.release();
+        if (!lostAlready(this.#grant)) await this.#grant.release();
       } finally {
         // Only now may the next in-process waiter go to the server: on etcd it
         // would otherwise find this lease's key still in place.
@@ -347,9 +387,31 @@ class HeldLease implements Lease {
     })();
   }
 
+  /**
+   * For `close()`: makes the loss visible first (the signal aborts with a
+   * `LockClosedError`, so work under `withLock()` cannot finish as if it
+   * still held the lock), then hands the grant to `close()` to give back.
+   * A later `release()` waits for that give-back. Undefined if already
+   * released or lost.
+   */
+  surrender(given: Promise<unknown>): Grant | undefined {
+    if (this.#released !== undefined || this.#ended) return undefined;
+    const grant = this.#grant;
+    this.#released = given.then(() => {}, () => {}).finally(() => this.#end());
+    if (grant.signal.aborted) return undefined;
+    this.#controller.abort(new LockClosedError(`Lost lock ${JSON.stringify(this.key)}`));
+    return grant;
+  }
+
   [Symbol.asyncDispose](): Promise<void> {
     return this.release();
   }
+}
+
+/** Whether a grant was lost before it could be handed out. */
+function lostAlready(grant: Grant): boolean {
+  grant.check?.();
+  return grant.signal.aborted;
 }
 
 /** The shared implementation of {@linkcode Locker} over a backend's {@linkcode Driver}. */
@@ -418,7 +480,16 @@ export class DriverLocker implements Locker {
     let grant: Grant | undefined;
     try {
       const driver = await abortable(this.#getDriver(), signal);
-      grant = await driver.acquire(key, wait, signal);
+      for (;;) {
+        grant = await driver.acquire(key, wait, signal);
+        if (grant === undefined || !lostAlready(grant)) break;
+        // Granted, but lost before it reached the caller (the replies came
+        // later than the TTL): give it back; lock() tries again.
+        const reason = grant.signal.reason;
+        await grant.release().catch(() => {});
+        if (!wait) throw reason;
+        signal.throwIfAborted();
+      }
     } catch (error) {
       this.#queue.leave(key);
       throw error;
@@ -427,11 +498,11 @@ export class DriverLocker implements Locker {
       this.#queue.leave(key);
       return undefined;
     }
-    const lease = new HeldLease(key, grant, () => {
-      if (this.#held.get(key) === lease) this.#held.delete(key);
+    const lease = new HeldLease(key, grant, (ended) => {
+      if (this.#held.get(key) === ended) this.#held.delete(key);
       this.#queue.leave(key);
     });
-    if (!lease.signal.aborted) this.#held.set(key, lease);
+    this.#held.set(key, lease);
     if (this.#closed !== undefined) {
       // close() ran while the server granted it: give it straight back.
       await lease.release();
@@ -474,12 +545,24 @@ export class DriverLocker implements Locker {
       this.#closing.abort();
       // Aborted calls clean up on the server first (etcd deletes its waiter key).
       await Promise.all(this.#pending);
-      const releases = [...this.#held.values()].map((lease) => lease.release());
-      const results = await Promise.allSettled(releases);
       const driver = await this.#driver?.catch(() => undefined);
-      await driver?.close();
-      const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
-      if (failed) throw failed.reason;
+      let given!: (failures: unknown[]) => void;
+      const giving = new Promise<unknown[]>((resolve) => given = resolve);
+      const grants = [...this.#held.values()]
+        .map((lease) => lease.surrender(giving))
+        .filter((grant): grant is Grant => grant !== undefined);
+      let failures: unknown[] = [];
+      try {
+        if (driver?.releaseAll) {
+          await driver.releaseAll(grants).catch((error) => failures.push(error));
+        } else {
+          failures = await settleEach(grants, CLOSE_CONCURRENCY, (grant) => grant.release());
+        }
+      } finally {
+        given(failures);
+        await driver?.close();
+      }
+      if (failures.length > 0) throw failures[0];
     })();
   }
 

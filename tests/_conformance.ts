@@ -318,12 +318,36 @@ export function conformance(target: ConformanceTarget): void {
       await Promise.all([a.close(), a.close()]);
       await assert.rejects(waiting, LockClosedError);
       await assert.rejects(blocked, LockClosedError);
-      assert.equal(held.signal.aborted, false);
+      // The lock is gone: the holder is told so, not left believing it holds it.
+      assert.ok(held.signal.reason instanceof LockClosedError, String(held.signal.reason));
       const next = await b.tryLock(key);
       assert.ok(next, "close() released the held lease");
       await next.release();
       await elsewhere.release();
       await until(async () => (await target.leftovers(other)) === 0, 5_000, "no leftovers");
+    });
+
+    it("close() during withLock() work aborts the lease's signal first, and withLock() rejects", async () => {
+      const [a, b] = [make(), make()];
+      const key = `${prefix()}/closework`;
+      let held!: (lease: Lease) => void;
+      const inside = new Promise<Lease>((resolve) => held = resolve);
+      let finish!: () => void;
+      const work = new Promise<void>((resolve) => finish = resolve);
+      const running = a.withLock(key, async (lease) => {
+        held(lease);
+        await work;
+        return "done";
+      });
+      const lease = await inside;
+      const closing = a.close();
+      const taken = await b.lock(key, { timeout: 5_000 });
+      // Once anyone else holds the lock, the holder has been told it lost it.
+      assert.ok(lease.signal.reason instanceof LockClosedError, String(lease.signal.reason));
+      finish();
+      await assert.rejects(running, LockClosedError);
+      await taken.release();
+      await closing;
     });
 
     it("a closed locker rejects every call with LockClosedError", async () => {
