@@ -530,14 +530,18 @@ export class DriverLocker implements Locker {
       throw new TypeError(`Invalid argument "fn": expected a function, received ${describe(fn)}`);
     }
     const lease = await this.lock(key, options);
+    let result: T;
     try {
-      const result = await fn(lease);
-      // The work finished without the lock: its result must not pass for a locked one.
-      lease.signal.throwIfAborted();
-      return result;
-    } finally {
-      await lease.release();
+      result = await fn(lease);
+    } catch (error) {
+      await lease.release().catch(() => {});
+      throw error;
     }
+    // Release first: a release that finds the lock taken away aborts the signal.
+    await lease.release();
+    // The work finished without the lock: its result must not pass for a locked one.
+    lease.signal.throwIfAborted();
+    return result;
   }
 
   close(): Promise<void> {

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { createServer, type Socket } from "node:net";
 import { inspect } from "node:util";
 import { Etcd3 } from "etcd3";
-import { type Lease, LockConnectionError, LockLostError, New } from "../mod.ts";
+import { type Lease, LockClosedError, LockConnectionError, LockLostError, New } from "../mod.ts";
 import { createEtcdLocker } from "../backends/etcd.ts";
 import { conformance } from "./_conformance.ts";
 import { assertExitsAfterClose } from "./_scenarios.ts";
@@ -276,7 +276,7 @@ describe("etcd backend", () => {
       await other.close();
       await locker.close();
       assert.equal(await client.get("/anything").string(), null, "the caller's client still works");
-      assert.equal(lease.signal.aborted, false);
+      assert.ok(lease.signal.reason instanceof LockClosedError, "close() tells the holder");
       client.close();
     });
 
