@@ -11,10 +11,13 @@ class Pipe {
   #queue: { chunk: Uint8Array | string; at: number }[] = [];
   #timer?: ReturnType<typeof setTimeout>;
   readonly #proxy: TcpProxy;
+  /** Whether this pipe carries replies (server to client). */
+  readonly #replies: boolean;
 
-  constructor(to: Socket, proxy: TcpProxy) {
+  constructor(to: Socket, proxy: TcpProxy, replies: boolean) {
     this.#to = to;
     this.#proxy = proxy;
+    this.#replies = replies;
   }
 
   push(chunk: Uint8Array | string) {
@@ -25,7 +28,8 @@ class Pipe {
   /** Sends what is due, unless traffic is held; schedules the rest. */
   flush() {
     clearTimeout(this.#timer);
-    if (this.#proxy.held || this.#to.destroyed) return;
+    const held = this.#proxy.held === "both" || (this.#proxy.held === "replies" && this.#replies);
+    if (held || this.#to.destroyed) return;
     const now = performance.now();
     while (this.#queue.length > 0 && this.#queue[0].at <= now) {
       this.#to.write(this.#queue.shift()!.chunk);
@@ -48,8 +52,8 @@ export class TcpProxy implements AsyncDisposable {
   readonly #connections = new Set<{ client: Socket; server: Socket; pipes: Pipe[] }>();
   /** Added to every chunk, both ways. */
   delayMs = 0;
-  /** While true, nothing is forwarded (it is kept, and sent on `release()`). */
-  held = false;
+  /** What is not forwarded now (it is kept, and sent on `release()`). */
+  held: "none" | "both" | "replies" = "none";
   port = 0;
 
   private constructor(target: string) {
@@ -81,8 +85,8 @@ export class TcpProxy implements AsyncDisposable {
 
   #accept(client: Socket) {
     const server = new Socket();
-    const up = new Pipe(server, this);
-    const down = new Pipe(client, this);
+    const up = new Pipe(server, this, false);
+    const down = new Pipe(client, this, true);
     const connection = { client, server, pipes: [up, down] };
     this.#connections.add(connection);
     const end = () => {
@@ -101,14 +105,17 @@ export class TcpProxy implements AsyncDisposable {
     server.connect(this.#target.port, this.#target.host);
   }
 
-  /** Holds all traffic from now on: a silent partition. */
-  hold(): void {
-    this.held = true;
+  /**
+   * Holds traffic from now on: all of it (a silent partition), or only the
+   * replies (requests reach the server and are applied; their answers wait).
+   */
+  hold(what: "both" | "replies" = "both"): void {
+    this.held = what;
   }
 
   /** Forwards again, starting with what was held. */
   release(): void {
-    this.held = false;
+    this.held = "none";
     for (const connection of this.#connections) {
       for (const pipe of connection.pipes) pipe.flush();
     }

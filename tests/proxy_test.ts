@@ -42,7 +42,7 @@ async function dial(port: number) {
 }
 
 describe("TcpProxy (test tool)", () => {
-  it("forwards, delays, holds until released, and cuts connections", async () => {
+  it("forwards, delays, holds (both ways or replies only) until released, and cuts connections", async () => {
     const echo = await echoServer();
     const proxy = await TcpProxy.start(echo.endpoint);
     const client = await dial(proxy.port);
@@ -58,6 +58,11 @@ describe("TcpProxy (test tool)", () => {
       assert.ok(await isPending(held, 20), "held traffic was forwarded");
       proxy.release();
       assert.equal(await held, "c");
+      proxy.hold("replies");
+      const answered = client.ask("d");
+      assert.ok(await isPending(answered, 20), "a held reply was forwarded");
+      proxy.release();
+      assert.equal(await answered, "d");
       const closed = new Promise((resolve) => client.socket.once("close", resolve));
       proxy.cut();
       await closed;
