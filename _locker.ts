@@ -128,11 +128,53 @@ export interface Locker extends AsyncDisposable {
     options?: LockOptions,
   ): Promise<T>;
   /**
+   * Reads who holds `key` and how many wait, without taking part.
+   *
+   * @param key The lock's name.
+   * @returns What the server says now.
+   */
+  status(key: string): Promise<LockStatus>;
+  /**
    * Releases every lease this locker holds, rejects its pending waits with a
    * `LockClosedError`, stops its timers and drops its client reference (the
    * last locker on a client closes it). Idempotent.
    */
   close(): Promise<void>;
+}
+
+/**
+ * Who holds a lock and how many wait, as {@linkcode Locker.status} reads it
+ * from the server at one moment.
+ *
+ * @example Print who holds a lock
+ * ```ts
+ * import { New } from "@genesis/lock";
+ *
+ * const locker = New({ backend: "memory" });
+ * const lease = await locker.lock("/jobs/a");
+ * const status = await locker.status("/jobs/a");
+ * console.log(status.holder?.token === lease.token); // true
+ * await locker.close();
+ * ```
+ */
+export interface LockStatus {
+  /** The key asked about. */
+  readonly key: string;
+  /** The holder, or `undefined` when the lock is free. */
+  readonly holder?: {
+    /** The holder's fencing token. */
+    readonly token: bigint;
+    /** Milliseconds until the holder's lease expires if not renewed, where the server says. */
+    readonly ttl?: number;
+    /** etcd: the holder's key (`NAME/<lease ID in hex>`). */
+    readonly owner?: string;
+    /** etcd: the holder's lease ID, in decimal as `etcdctl lease list` shows it. */
+    readonly lease?: string;
+  };
+  /** How many wait behind the holder, where the backend queues on the server (etcd). */
+  readonly waiting?: number;
+  /** etcd: the waiters' keys, first come first. */
+  readonly queue?: readonly string[];
 }
 
 /** A lock held on the server, as a backend reports it. */
@@ -167,6 +209,8 @@ export interface Driver {
    * a time. Tries every grant before it rejects with the first failure.
    */
   releaseAll?(grants: Grant[]): Promise<void>;
+  /** Reads who holds `key` and who waits. */
+  status(key: string): Promise<LockStatus>;
   /** Stops timers and gives back the client. Called once, after every release. */
   close(): Promise<void>;
 }
@@ -519,6 +563,14 @@ export class DriverLocker implements Locker {
     const lease = this.#held.get(key);
     if (lease === undefined) throw new LockNotHeldError(key);
     await lease.release();
+  }
+
+  async status(key: string): Promise<LockStatus> {
+    key = validateKey(key);
+    if (this.#closed !== undefined) {
+      throw new LockClosedError(`Cannot read the status of lock ${JSON.stringify(key)}`);
+    }
+    return await this.#track((async () => (await this.#getDriver()).status(key))());
   }
 
   async withLock<T>(

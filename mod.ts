@@ -24,7 +24,7 @@
 import { DriverLocker, type Locker } from "./_locker.ts";
 import { type Options, resolveOptions } from "./_options.ts";
 
-export type { Lease, Locker, LockOptions } from "./_locker.ts";
+export type { Lease, Locker, LockOptions, LockStatus } from "./_locker.ts";
 export type { Backend, Options, TlsOptions } from "./_options.ts";
 export {
   LockAuthError,

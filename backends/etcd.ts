@@ -60,6 +60,7 @@ import {
   DriverLocker,
   type Grant,
   type Locker,
+  type LockStatus,
 } from "../_locker.ts";
 import {
   type ConnectionConfig,
@@ -741,10 +742,57 @@ class EtcdDriver implements Driver {
     }
   }
 
+  status(key: string): Promise<LockStatus> {
+    return readStatus(this.#calls, key);
+  }
+
   async close(): Promise<void> {
     await Promise.all([...this.#sessions].map((session) => session.close()));
     await this.#hub.close();
     await this.#onClose();
+  }
+}
+
+/** A queue entry of the lock `name`: `NAME/` and a lease ID in lowercase hex, nothing more. */
+function isQueueKey(name: string, key: string): boolean {
+  return key.length > name.length + 1 && key.startsWith(`${name}/`) &&
+    /^[0-9a-f]{1,16}$/.test(key.slice(name.length + 1));
+}
+
+/** Who holds the lock `name` (the oldest queue key), its lease's time left, and the queue. */
+async function readStatus(calls: Calls, name: string): Promise<LockStatus> {
+  try {
+    const prefix = Buffer.from(`${name}/`);
+    const response = await calls.range({
+      key: prefix,
+      range_end: prefixEnd(prefix),
+      sort_target: "Create",
+      sort_order: "Ascend",
+    });
+    const entries = response.kvs.filter((kv) => isQueueKey(name, kv.key.toString()));
+    const [owner, ...queue] = entries;
+    if (owner === undefined) return { key: name, waiting: 0, queue: [] };
+    let ttl: number | undefined;
+    if (owner.lease !== "0") {
+      const lease = await calls.client.leaseClient.leaseTimeToLive(
+        { ID: owner.lease, keys: false },
+        { deadline: new Date(Date.now() + 5_000) },
+      );
+      ttl = Math.max(0, Number(lease.TTL)) * 1000;
+    }
+    return {
+      key: name,
+      holder: {
+        token: BigInt(owner.create_revision),
+        ttl,
+        owner: owner.key.toString(),
+        lease: owner.lease,
+      },
+      waiting: queue.length,
+      queue: queue.map((kv) => kv.key.toString()),
+    };
+  } catch (error) {
+    throw calls.error(error, `Cannot read the status of lock ${JSON.stringify(name)}`);
   }
 }
 

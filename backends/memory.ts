@@ -26,7 +26,7 @@
 
 import { Connector } from "../connector.ts";
 import { LockLostError } from "../errors.ts";
-import { type Driver, DriverLocker, type Grant, type Locker } from "../_locker.ts";
+import { type Driver, DriverLocker, type Grant, type Locker, type LockStatus } from "../_locker.ts";
 import { LeaseClock } from "../_lease_clock.ts";
 import { type LeaseSettings, type Options, resolveOptions } from "../_options.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
@@ -132,6 +132,23 @@ export class MemoryStore {
     return count;
   }
 
+  /**
+   * Who holds `key`, and how many wait for it.
+   *
+   * @param key The lock's name.
+   * @returns The holder's token and time left (for a lease with a TTL), and the number waiting.
+   * @ignore
+   */
+  status(key: string): LockStatus {
+    const slot = this.#slots.get(key);
+    const holder = slot?.holder;
+    if (holder === undefined) return { key, waiting: 0 };
+    const ttl = holder.clock === undefined
+      ? undefined
+      : Math.max(0, Math.round(holder.clock.deadline - performance.now()));
+    return { key, holder: { token: holder.grant.token, ttl }, waiting: slot!.waiters.length };
+  }
+
   #grant(key: string, slot: Slot, ttl: number | undefined): Grant {
     const controller = new AbortController();
     const clock = ttl === undefined ? undefined : new LeaseClock({
@@ -200,6 +217,7 @@ function driverFor(
   const ttl = settings.autoRenew ? undefined : settings.ttl;
   return {
     acquire: (key, wait, signal) => store.acquire(key, wait, signal, ttl),
+    status: (key) => Promise.resolve(store.status(key)),
     close: onClose,
   };
 }

@@ -50,6 +50,7 @@ import {
   type Grant,
   KeyQueue,
   type Locker,
+  type LockStatus,
 } from "../_locker.ts";
 import {
   type ConnectionConfig,
@@ -641,9 +642,51 @@ class RedisDriver implements Driver {
     };
   }
 
+  status(name: string): Promise<LockStatus> {
+    return readStatus(this.#instances, name);
+  }
+
   async close(): Promise<void> {
     await this.#onClose();
   }
+}
+
+// KEYS: lock, fence. The lock's remaining PTTL (-2: none) and the fencing counter.
+const STATUS = `return {redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[2]) or '0'}`;
+
+/**
+ * Who holds the lock `name`: held where a quorum has its key; the token is
+ * the fencing counter (the holder's, since each grant increments it), the
+ * time left the shortest PTTL among the instances that hold it.
+ */
+async function readStatus(instances: Instances, name: string): Promise<LockStatus> {
+  const keys = keysOf(name);
+  const action = `Cannot read the status of lock ${JSON.stringify(name)}`;
+  const answers = await Promise.all(instances.list.map(async (instance) => {
+    try {
+      const [pttl, fence] = await instance.client.eval(STATUS, 2, keys.lock, keys.fence) as [
+        number,
+        string,
+      ];
+      return { pttl, fence: BigInt(fence) };
+    } catch (error) {
+      return { error: instances.error(error, action, instance.name) };
+    }
+  }));
+  const reached = answers.filter((a) => !("error" in a)) as { pttl: number; fence: bigint }[];
+  if (reached.length < instances.quorum) {
+    throw (answers.find((a) => "error" in a) as { error: LockError }).error;
+  }
+  const holding = reached.filter((a) => a.pttl !== -2);
+  if (holding.length < instances.quorum) return { key: name };
+  const ttls = holding.map((a) => a.pttl).filter((p) => p >= 0);
+  return {
+    key: name,
+    holder: {
+      token: holding.reduce((max, a) => a.fence > max ? a.fence : max, 0n),
+      ttl: ttls.length > 0 ? Math.min(...ttls) : undefined,
+    },
+  };
 }
 
 /** host and port of an endpoint. */

@@ -10,23 +10,59 @@
 
 import { parseArgs } from "node:util";
 import process from "node:process";
-import { type Backend, New } from "../mod.ts";
+import { type Backend, LockConnectionError, New } from "../mod.ts";
 
-const { values } = parseArgs({
-  args: process.argv.slice(2),
-  options: {
-    backend: { type: "string", default: "memory" },
-    endpoints: { type: "string" },
-    workers: { type: "string", default: "8" },
-    rounds: { type: "string", default: "25" },
-  },
-});
+/** Prints one line on stderr and ends the demo: no stack trace for a newcomer's typo. */
+function fail(message: string): never {
+  console.error(`demo: ${message}`);
+  process.exit(1);
+}
+
+let values;
+try {
+  ({ values } = parseArgs({
+    args: process.argv.slice(2),
+    options: {
+      backend: { type: "string", default: "memory" },
+      endpoints: { type: "string" },
+      workers: { type: "string", default: "8" },
+      rounds: { type: "string", default: "25" },
+    },
+  }));
+} catch (error) {
+  fail(
+    `${
+      (error as Error).message.replace(/\. To specify.*$/, "")
+    } (flags: --backend, --endpoints, --workers, --rounds)`,
+  );
+}
 const workers = Number(values.workers);
 const rounds = Number(values.rounds);
+if (!(Number.isInteger(workers) && workers > 0 && Number.isInteger(rounds) && rounds > 0)) {
+  fail(
+    `--workers and --rounds take whole numbers above 0, received ${values.workers} and ${values.rounds}`,
+  );
+}
 const options = {
   backend: values.backend as Backend,
   endpoints: values.endpoints?.split(","),
 };
+try {
+  // Checks the options at once, and connects: a wrong flag or a missing server
+  // is reported here, before any work starts.
+  const probe = New(options);
+  await probe.tryLock(`/demo/probe/${crypto.randomUUID()}`).then((lease) => lease?.release());
+  await probe.close();
+} catch (error) {
+  const message = (error as Error).message;
+  if (error instanceof LockConnectionError) {
+    const server = options.backend === "redis" ? "redis-server" : "etcd";
+    fail(
+      `${message}; start ${server} there, give its address with --endpoints, or use --backend memory`,
+    );
+  }
+  fail(message);
+}
 
 /** A read-modify-write with an await in the middle, the classic race. */
 async function increment(counter: { value: number }) {

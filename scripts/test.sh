@@ -31,7 +31,7 @@ check() { # check NAME COMMAND...: a static check counts as one failure if it fa
   fi
 }
 
-entrypoints=(mod.ts connector.ts backends/memory.ts backends/etcd.ts backends/redis.ts)
+entrypoints=(mod.ts connector.ts backends/memory.ts backends/etcd.ts backends/redis.ts cli.ts)
 check "deno fmt" "$bin/deno" fmt --check
 check "deno lint" "$bin/deno" lint
 check "deno check" "$bin/deno" check .

@@ -350,6 +350,20 @@ export function conformance(target: ConformanceTarget): void {
       await closing;
     });
 
+    it("status() reports the holder's token while held, and no holder once released", async () => {
+      const [a, b] = [make(), make()];
+      const key = `${prefix()}/status`;
+      assert.equal((await b.status(key)).holder, undefined);
+      const lease = await a.lock(key);
+      const status = await b.status(key);
+      assert.equal(status.key, key);
+      assert.equal(status.holder?.token, lease.token);
+      const ttl = status.holder?.ttl;
+      assert.ok(ttl === undefined || (ttl >= 0 && ttl <= 10_000), `ttl ${ttl}`);
+      await lease.release();
+      assert.equal((await b.status(key)).holder, undefined);
+    });
+
     it("a closed locker rejects every call with LockClosedError", async () => {
       const a = make();
       const key = `${prefix()}/closed`;
@@ -358,6 +372,7 @@ export function conformance(target: ConformanceTarget): void {
       await assert.rejects(a.tryLock(key), LockClosedError);
       await assert.rejects(a.unlock(key), LockClosedError);
       await assert.rejects(a.withLock(key, () => 1), LockClosedError);
+      await assert.rejects(a.status(key), LockClosedError);
       await a.close();
     });
 

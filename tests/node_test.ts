@@ -15,6 +15,7 @@ describe("the bundled demo on Node", () => {
   // imports from the repository's own install.
   let out: string;
   let demo: string;
+  let cli: string;
   let etcd: EtcdCluster;
   let redis: RedisServer;
   before(async () => {
@@ -29,13 +30,32 @@ describe("the bundled demo on Node", () => {
       "--outdir",
       out,
       join(root, "examples/demo.ts"),
+      join(root, "cli.ts"),
     ], { cwd: root, stdio: "pipe" });
-    demo = join(out, "demo.js");
+    demo = join(out, "examples", "demo.js");
+    cli = join(out, "cli.js");
     [etcd, redis] = await Promise.all([EtcdCluster.start(), RedisServer.start()]);
   });
   after(async () => {
     await Promise.all([etcd?.stop(), redis?.stop()]);
     rmSync(out, { recursive: true, force: true });
+  });
+
+  it("runs the CLI: a command under the lock, its exit code, its token", async () => {
+    const child = new Child("node", [
+      cli,
+      "--backend",
+      "redis",
+      "--endpoints",
+      redis.endpoint,
+      "/node/cli",
+      "--",
+      "sh",
+      "-c",
+      'echo "token $LOCK_TOKEN"; exit 5',
+    ], { cwd: root });
+    assert.equal(await child.exited, 5, child.output);
+    assert.match(child.output, /token \d+/);
   });
 
   for (const backend of ["memory", "etcd", "redis"]) {
