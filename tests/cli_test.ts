@@ -267,6 +267,46 @@ describe("CLI on Redis", () => {
   behaviours({ backend: "redis", endpoints: () => server.endpoint, shortTtl: "1s" });
 });
 
+describe("CLI through a Redis restart", () => {
+  let server: RedisServer;
+  before(async () => {
+    server = await RedisServer.start({ args: ["--appendonly", "yes", "--appendfsync", "always"] });
+  });
+  after(async () => {
+    await server.stop();
+  });
+
+  it("does not stop the command for an outage the lease outlives", async () => {
+    const key = prefix("cli-restart");
+    const log = journal();
+    try {
+      const script = `echo start >> ${log.path}; sleep 4; echo end >> ${log.path}`;
+      const run = runCli([
+        "--backend",
+        "redis",
+        "--endpoints",
+        server.endpoint,
+        "--ttl",
+        "5s",
+        key,
+        "--",
+        "sh",
+        "-c",
+        script,
+      ]);
+      await until(() => log.lines().includes("start"), 15_000, "the command to start");
+      await server.shutdown(); // SIGTERM: the AOF keeps the lock key
+      await sleep(1_500); // a renewal (every 5 s / 3) fails meanwhile
+      await server.restart();
+      const { code, output } = await run;
+      assert.equal(code, 0, output);
+      assert.deepEqual(log.lines(), ["start", "end"]);
+    } finally {
+      log.remove();
+    }
+  });
+});
+
 describe("CLI and secrets", () => {
   let server: RedisServer;
   before(async () => {
