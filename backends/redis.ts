@@ -15,7 +15,9 @@
  *
  * Fencing tokens are monotonic only while Redis keeps the counter: use AOF
  * with `appendfsync always` and no asynchronous failover, or a restart can
- * hand out a token again.
+ * hand out a token again. A lock key deleted or evicted behind the holder's
+ * back is seen at the next renewal (up to `ttl / 3` later) or at the release,
+ * which then aborts `lease.signal`: use `maxmemory-policy noeviction`.
  *
  * @example A locker on a client you own
  * ```ts ignore
@@ -623,12 +625,19 @@ class RedisDriver implements Driver {
         const replies = await Promise.all(
           instances.list.map((instance) =>
             instances.run(instance, RELEASE, [keys.lock], [token, keys.channel]).then(
-              () => undefined,
+              (reply) => reply === 1 ? undefined : "not ours" as const,
               (error) => error,
             )
           ),
         );
-        const errors = replies.filter((e) => e !== undefined);
+        const refused = replies.filter((r) => r === "not ours").length;
+        if (instances.list.length - refused < instances.quorum) {
+          // The key was deleted, evicted or overwritten while this holder
+          // believed it held the lock: the work did not run under it.
+          controller.abort(new LockLostError(name, "it was taken away before the release"));
+          return;
+        }
+        const errors = replies.filter((e) => e !== undefined && e !== "not ours");
         if (instances.list.length - errors.length < instances.quorum) {
           throw instances.error(
             errors[0],
