@@ -1,0 +1,125 @@
+// Redlock over three instances when one of them stalls (SIGSTOP) or lost the
+// holder's key: a quorum of timely answers decides, and a partial
+// acquisition given back wakes nobody.
+import { after, before, describe, it } from "./_bdd.ts";
+import assert from "node:assert/strict";
+import { inspect } from "node:util";
+import { New } from "../mod.ts";
+import { RedisServer } from "./_servers.ts";
+import { TcpProxy } from "./_proxy.ts";
+import { prefix, sleep, until, within } from "./_util.ts";
+
+describe("redlock with one of three instances stopped (SIGSTOP)", () => {
+  let servers: RedisServer[];
+  before(async () => {
+    servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
+  });
+  after(async () => {
+    await Promise.all(servers.map((s) => s.stop()));
+  });
+
+  const endpoints = () => servers.map((s) => s.endpoint);
+  const stopped = () => servers[2];
+
+  /** A locker connected to all three before the stall (connecting waits on every instance). */
+  async function connected(ttl: number) {
+    const locker = New({ backend: "redis", endpoints: endpoints(), ttl });
+    await (await locker.lock(prefix("warm"))).release();
+    return locker;
+  }
+
+  /** Runs `fn` with the third instance stopped, and wakes it again whatever happens. */
+  async function whileStopped(fn: () => Promise<void>): Promise<void> {
+    stopped().child!.signal("SIGSTOP");
+    try {
+      await fn();
+    } finally {
+      stopped().child!.signal("SIGCONT");
+    }
+  }
+
+  it("keeps a held lease with ttl 1500 ms renewed on the two that answer", async () => {
+    const locker = await connected(1_500);
+    const name = prefix("renew");
+    const lease = await locker.lock(name);
+    await whileStopped(async () => {
+      await sleep(4_000); // well past two TTLs: only renewals on a quorum keep it
+      assert.equal(lease.signal.aborted, false, `lost: ${lease.signal.reason}`);
+      for (const server of servers.slice(0, 2)) {
+        const pttl = Number(server.cli(["PTTL", `lock:{${name}}`]));
+        assert.ok(pttl > 0, `PTTL ${pttl} on ${server.endpoint}`);
+      }
+    });
+    await locker.close();
+  });
+
+  it("acquires a new lock on the majority that answers", async () => {
+    const locker = await connected(10_000);
+    const name = prefix("acquire");
+    await whileStopped(async () => {
+      const lease = await locker.lock(name, { timeout: 5_000 }).catch((e) => e);
+      assert.ok(!(lease instanceof Error), inspect(lease));
+      for (const server of servers.slice(0, 2)) {
+        assert.match(server.cli(["GET", `lock:{${name}}`]), /^[0-9a-f]{32}$/);
+      }
+      const released = await within(lease.release().then(() => "released"), 3_000, "hung");
+      assert.equal(released, "released");
+    });
+    // The stopped instance ran the SET when it woke, and the release sent after it.
+    await until(() => stopped().cli(["EXISTS", `lock:{${name}}`]) === "0", 5_000, "no ghost lock");
+    await locker.close();
+  });
+
+  it("finishes release() and close() promptly while the instance is stopped", async () => {
+    const locker = await connected(30_000);
+    const name = prefix("release");
+    const held = await locker.lock(name);
+    const other = await locker.lock(`${name}/2`);
+    await whileStopped(async () => {
+      const started = performance.now();
+      const released = await within(held.release().then(() => "released"), 3_000, "hung");
+      assert.equal(released, "released", "release() waits on the stopped instance");
+      const closed = await within(locker.close().then(() => "closed"), 5_000, "hung");
+      assert.equal(closed, "closed", "close() waits on the stopped instance");
+      assert.equal(other.signal.aborted, true);
+      const elapsed = performance.now() - started;
+      assert.ok(elapsed < 8_000, `took ${elapsed.toFixed(0)} ms`);
+      for (const server of servers.slice(0, 2)) {
+        assert.equal(server.cli(["EXISTS", `lock:{${name}}`]), "0");
+        assert.equal(server.cli(["EXISTS", `lock:{${name}/2}`]), "0");
+      }
+    });
+  });
+});
+
+describe("redlock with one of three instances silently partitioned", () => {
+  let servers: RedisServer[];
+  let proxy: TcpProxy;
+  before(async () => {
+    servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
+    proxy = await TcpProxy.start(servers[2].endpoint);
+  });
+  after(async () => {
+    await proxy.close();
+    await Promise.all(servers.map((s) => s.stop()));
+  });
+
+  it("renews, acquires, releases and closes on the two that answer", async () => {
+    const endpoints = [servers[0].endpoint, servers[1].endpoint, proxy.endpoint];
+    const locker = New({ backend: "redis", endpoints, ttl: 1_500 });
+    const name = prefix("partition");
+    const held = await locker.lock(name);
+    proxy.hold(); // nothing is forwarded and nothing is closed, as when packets stop
+    try {
+      await sleep(3_500);
+      assert.equal(held.signal.aborted, false, `lost: ${held.signal.reason}`);
+      const next = await locker.lock(`${name}/2`, { timeout: 3_000 }).catch((e) => e);
+      assert.ok(!(next instanceof Error), inspect(next));
+      assert.equal(await within(held.release().then(() => "released"), 3_000, "hung"), "released");
+      assert.equal(await within(locker.close().then(() => "closed"), 5_000, "hung"), "closed");
+      assert.equal(servers[0].cli(["EXISTS", `lock:{${name}}`]), "0");
+    } finally {
+      proxy.release();
+    }
+  });
+});
