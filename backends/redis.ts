@@ -119,18 +119,35 @@ end
 return {0, redis.call('PTTL', KEYS[1])}`;
 
 // KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
+// Without a channel (a partial acquisition given back) it wakes nobody:
+// waiters would only find the lock still held on a majority.
 const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
+  if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[1]) end
   return 1
 end
 return 0`;
 
-// KEYS: lock. ARGV: token, ttl ms. Fenced extend.
+// KEYS: lock. ARGV: token, ttl ms. Fenced extend: 1, or 0 if the key is
+// someone else's, or -1 if it is missing.
 const RENEW = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if holder == false then return -1 end
+return 0`;
+
+// KEYS: lock, fence. ARGV: token, ttl ms, fencing token. Redlock: puts a
+// held lease's key back on an instance that lost it (down at the
+// acquisition, flushed, evicted), only where it is absent, and raises the
+// counter there to the token: the same lease, so nothing is counted.
+const RESTORE = `
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
+  return 1
 end
 return 0`;
 
@@ -564,7 +581,8 @@ class RedisDriver implements Driver {
     } catch (reason) {
       // Given up while a SET was in flight (a stalled server, say): when the
       // answer comes, give back whatever it acquired. No ghost lock.
-      this.#giveBackLate(calls, undefined, keys, token, () => true);
+      // It may have been a whole acquisition that waiters saw: wake them.
+      this.#giveBackLate(calls, undefined, keys, token, () => true, true);
       throw reason;
     }
     const results = answered.map((a): Answer => a ?? { kind: "failed", error: new Silence(bound) });
@@ -576,7 +594,7 @@ class RedisDriver implements Driver {
         try {
           fence = await this.#raise(results, keys, fence, sentAt + bound, action);
         } catch (error) {
-          await this.#releaseWhere(results, keys, token, bound);
+          await this.#releaseWhere(results, keys, token, bound, true);
           this.#giveBackLate(calls, answered, keys, token, () => true);
           throw error;
         }
@@ -605,7 +623,7 @@ class RedisDriver implements Driver {
   /**
    * Gives back, when it comes, each acquisition in `calls` that had not
    * answered in `answered` (all of them without it), if `unwanted()` says so
-   * by then.
+   * by then; `wake` as for `#giveBack`.
    */
   #giveBackLate(
     calls: Promise<Answer>[],
@@ -613,19 +631,31 @@ class RedisDriver implements Driver {
     keys: ReturnType<typeof keysOf>,
     token: string,
     unwanted: () => boolean,
+    wake = false,
   ): void {
     calls.forEach((call, i) => {
       if (answered?.[i] !== undefined) return;
       void call.then((answer) =>
-        answer.kind === "acquired" && unwanted() ? this.#giveBack(i, keys, token) : undefined
+        answer.kind === "acquired" && unwanted() ? this.#giveBack(i, keys, token, wake) : undefined
       );
     });
   }
 
-  /** Gives back an acquisition on instance `i` (fenced: only if the key is still `token`'s). */
-  #giveBack(i: number, keys: ReturnType<typeof keysOf>, token: string): Promise<void> {
+  /**
+   * Gives back an acquisition on instance `i` (fenced: only if the key is
+   * still `token`'s). With `wake`, waiters are told; a partial acquisition
+   * given back must not wake them, or each wakes the others and itself,
+   * takes the key there again, and they spin.
+   */
+  #giveBack(
+    i: number,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    wake = false,
+  ): Promise<void> {
     const instance = this.#instances.list[i];
-    return this.#instances.run(instance, RELEASE, [keys.lock], [token, keys.channel]).then(
+    const channel = wake ? keys.channel : "";
+    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel]).then(
       () => {},
       () => {},
     );
@@ -687,16 +717,17 @@ class RedisDriver implements Driver {
     return fence;
   }
 
-  /** Gives back every acquisition in `results`, waiting `bound` ms at most. */
+  /** Gives back every acquisition in `results`, waiting `bound` ms at most; `wake` as for `#giveBack`. */
   async #releaseWhere(
     results: Answer[],
     keys: ReturnType<typeof keysOf>,
     token: string,
     bound: number,
+    wake = false,
   ): Promise<void> {
     const given = Promise.all(
       results.map((answer, i) =>
-        answer.kind === "acquired" ? this.#giveBack(i, keys, token) : undefined
+        answer.kind === "acquired" ? this.#giveBack(i, keys, token, wake) : undefined
       ),
     );
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -730,24 +761,31 @@ class RedisDriver implements Driver {
     let released = false;
     const renew = async (): Promise<Renewal> => {
       const sent = performance.now();
-      type Reply = "renewed" | "refused" | "failed";
-      const count = (replies: (Reply | undefined)[], reply: Reply) =>
-        replies.filter((r) => r === reply).length;
+      type Reply = "renewed" | "refused" | "missing" | "failed";
+      const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
+        replies.filter((r) => r !== undefined && which.includes(r)).length;
       const { answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
-        read: (reply) => reply === 1 ? "renewed" : "refused",
+        read: (reply) => reply === 1 ? "renewed" : reply === -1 ? "missing" : "refused",
         failed: () => "failed",
         // Past the lease's deadline no answer can save it.
         bound: clock.deadline - sent,
         decided: (so) =>
-          count(so, "renewed") >= quorum || list.length - count(so, "refused") < quorum,
+          count(so, "renewed") >= quorum ||
+          list.length - count(so, "refused", "missing") < quorum,
       });
       const replies = await answers;
-      if (list.length - count(replies, "refused") < quorum) {
+      if (list.length - count(replies, "refused", "missing") < quorum) {
         return { lost: "its key was deleted or taken over" };
       }
-      return count(replies, "renewed") >= quorum
-        ? { ok: true, deadline: sent + ttl - drift(ttl) }
-        : { ok: false };
+      if (count(replies, "renewed") < quorum) return { ok: false };
+      // Held on a quorum: put the key back on the minority that lost it, or
+      // every waiter's attempt would take it there and give it back.
+      replies.forEach((reply, i) => {
+        if (reply !== "missing") return;
+        instances.run(list[i], RESTORE, [keys.lock, keys.fence], [token, ttl, String(fence)])
+          .catch(() => {}); // the next renewal tries again
+      });
+      return { ok: true, deadline: sent + ttl - drift(ttl) };
     };
     const clock = new LeaseClock({
       deadline: sentAt + ttl - drift(ttl),

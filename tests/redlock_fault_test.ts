@@ -7,7 +7,7 @@ import { inspect } from "node:util";
 import { New } from "../mod.ts";
 import { RedisServer } from "./_servers.ts";
 import { TcpProxy } from "./_proxy.ts";
-import { prefix, sleep, until, within } from "./_util.ts";
+import { isPending, prefix, sleep, until, within } from "./_util.ts";
 
 describe("redlock with one of three instances stopped (SIGSTOP)", () => {
   let servers: RedisServer[];
@@ -121,5 +121,89 @@ describe("redlock with one of three instances silently partitioned", () => {
     } finally {
       proxy.release();
     }
+  });
+});
+
+/** Calls of each command since the last CONFIG RESETSTAT, from INFO commandstats. */
+function commandCalls(server: RedisServer): Record<string, number> {
+  const calls: Record<string, number> = {};
+  for (const match of server.cli(["INFO", "commandstats"]).matchAll(/cmdstat_(\w+):calls=(\d+)/g)) {
+    calls[match[1]] = Number(match[2]);
+  }
+  return calls;
+}
+
+describe("redlock with the holder's key missing on one instance", () => {
+  let servers: RedisServer[];
+  before(async () => {
+    servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
+  });
+  after(async () => {
+    await Promise.all(servers.map((s) => s.stop()));
+  });
+
+  const endpoints = () => servers.map((s) => s.endpoint);
+
+  it("lets a waiter poll a handful of times a second, and wakes nobody when it gives back a partial acquisition", async () => {
+    const name = prefix("spin");
+    // A long TTL: no renewal puts the key back during the count.
+    const holder = New({ backend: "redis", endpoints: endpoints(), ttl: 30_000 });
+    // Its own connections, as another process would have.
+    const other = New({ backend: "redis", endpoints: endpoints(), dialTimeout: 4_000 });
+    const held = await holder.lock(name);
+    servers[0].cli(["DEL", `lock:{${name}}`]); // as if it had been down at the acquisition
+    const waiting = other.lock(name, { timeout: 20_000 });
+    try {
+      await sleep(300); // subscribed and waiting
+      servers[0].cli(["CONFIG", "RESETSTAT"]);
+      await sleep(1_000);
+      const calls = commandCalls(servers[0]);
+      const scripts = (calls.evalsha ?? 0) + (calls.eval ?? 0);
+      // Polling at retryInterval (100 ms): about ten attempts and ten give-backs.
+      assert.ok(scripts < 100, `${scripts} script calls in one second`);
+      assert.equal(calls.publish ?? 0, 0, "a give-back of a partial acquisition published");
+      assert.equal(await isPending(waiting), true, "the waiter took a lock held on a majority");
+    } finally {
+      await held.release();
+    }
+    const lease = await waiting;
+    assert.ok(lease.token > held.token);
+    await lease.release();
+    await Promise.all([holder.close(), other.close()]);
+  });
+
+  it("puts the key back where it is missing at the next renewal, with the same token", async () => {
+    const name = prefix("restore");
+    const key = `lock:{${name}}`;
+    const holder = New({ backend: "redis", endpoints: endpoints(), ttl: 1_500 });
+    const lease = await holder.lock(name);
+    const token = servers[1].cli(["GET", key]);
+    servers[0].cli(["DEL", key]);
+    servers[0].cli(["DEL", `${key}:fence`]);
+    await until(
+      () => servers[0].cli(["GET", key]) === token,
+      3_000,
+      "the key back on the instance",
+    );
+    assert.ok(Number(servers[0].cli(["PTTL", key])) > 0);
+    // Its fencing counter counts from the lease's token on, as on the others.
+    assert.ok(BigInt(servers[0].cli(["GET", `${key}:fence`])) >= lease.token);
+    assert.equal(lease.signal.aborted, false);
+    await holder.close();
+    for (const server of servers) assert.equal(server.cli(["EXISTS", key]), "0");
+  });
+
+  it("never overwrites another holder's key on that instance", async () => {
+    const name = prefix("foreign");
+    const key = `lock:{${name}}`;
+    const holder = New({ backend: "redis", endpoints: endpoints(), ttl: 1_500 });
+    const lease = await holder.lock(name);
+    servers[0].cli(["SET", key, "someone-else", "PX", "30000"]);
+    await sleep(1_500); // two renewals
+    assert.equal(servers[0].cli(["GET", key]), "someone-else");
+    assert.equal(lease.signal.aborted, false, "a majority still holds it");
+    await holder.close();
+    assert.equal(servers[0].cli(["GET", key]), "someone-else");
+    servers[0].cli(["DEL", key]);
   });
 });
