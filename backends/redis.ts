@@ -424,6 +424,13 @@ class Silence extends Error {
   constructor(readonly bound: number) {
     super(`no answer within ${Math.round(bound)} ms`);
   }
+
+  /** The caller's error: a connection failure, said as such. */
+  fail(action: string, where: string): LockConnectionError {
+    return new LockConnectionError(
+      `${action}: Redis at ${where} did not answer within ${Math.round(this.bound)} ms`,
+    );
+  }
 }
 
 /** What one instance answered to an acquisition attempt. */
@@ -606,7 +613,8 @@ class RedisDriver implements Driver {
       this.#giveBackLate(calls, answered, keys, token, held.ended);
       return { grant: held.grant, pttl: 0 };
     }
-    await this.#releaseWhere(results, keys, token, bound);
+    // Acquired on a quorum, too late to hold: waiters saw it held, so wake them.
+    await this.#releaseWhere(results, keys, token, bound, acquired.length >= quorum);
     this.#giveBackLate(calls, answered, keys, token, () => true);
     const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
       a.kind === "failed"
@@ -679,6 +687,7 @@ class RedisDriver implements Driver {
     if (list.length === 1) {
       const only = results[0];
       if (only.kind === "failed") {
+        if (only.error instanceof Silence) return only.error.fail(action, list[0].name);
         return this.#instances.error(only.error, action, list[0].name, token);
       }
     }
@@ -827,7 +836,7 @@ class RedisDriver implements Driver {
         const { error } = replies[i] as { error: unknown };
         const action = `Cannot release lock ${JSON.stringify(name)}`;
         throw error instanceof Silence
-          ? new LockConnectionError(`${action}: Redis at ${list[i].name}: ${error.message}`)
+          ? error.fail(action, list[i].name)
           : instances.error(error, action, list[i].name, token);
       }
     };

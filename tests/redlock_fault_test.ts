@@ -1,19 +1,31 @@
-// Redlock over three instances when one of them stalls (SIGSTOP) or lost the
-// holder's key: a quorum of timely answers decides, and a partial
-// acquisition given back wakes nobody.
-import { after, before, describe, it } from "./_bdd.ts";
+// Redis instances that stall (SIGSTOP), go silent (a held proxy) or lost the
+// holder's key: each instance's call has its own deadline, a quorum of timely
+// answers decides, and a partial acquisition given back wakes nobody.
+import { after, afterEach, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { inspect } from "node:util";
-import { New } from "../mod.ts";
+import { LockConnectionError, type Locker, New, type Options } from "../mod.ts";
 import { RedisServer } from "./_servers.ts";
 import { TcpProxy } from "./_proxy.ts";
 import { isPending, prefix, sleep, until, within } from "./_util.ts";
+
+/** Lockers a test opened; each is closed after its test, passed or failed (close() is idempotent). */
+const opened: Locker[] = [];
+function open(options: Options): Locker {
+  const locker = New(options);
+  opened.push(locker);
+  return locker;
+}
+async function closeOpened(): Promise<void> {
+  await Promise.all(opened.splice(0).map((locker) => locker.close().catch(() => {})));
+}
 
 describe("redlock with one of three instances stopped (SIGSTOP)", () => {
   let servers: RedisServer[];
   before(async () => {
     servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
   });
+  afterEach(closeOpened);
   after(async () => {
     await Promise.all(servers.map((s) => s.stop()));
   });
@@ -23,7 +35,7 @@ describe("redlock with one of three instances stopped (SIGSTOP)", () => {
 
   /** A locker connected to all three before the stall (connecting waits on every instance). */
   async function connected(ttl: number) {
-    const locker = New({ backend: "redis", endpoints: endpoints(), ttl });
+    const locker = open({ backend: "redis", endpoints: endpoints(), ttl });
     await (await locker.lock(prefix("warm"))).release();
     return locker;
   }
@@ -92,6 +104,68 @@ describe("redlock with one of three instances stopped (SIGSTOP)", () => {
   });
 });
 
+describe("redis instances that stop answering a lock() (SIGSTOP)", () => {
+  let servers: RedisServer[];
+  before(async () => {
+    servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
+  });
+  afterEach(closeOpened);
+  after(async () => {
+    await Promise.all(servers.map((s) => s.stop()));
+  });
+
+  /** A locker connected to `list` before they stop, with a 1 s TTL (a 988 ms validity time). */
+  async function connected(list: RedisServer[]) {
+    const locker = open({ backend: "redis", endpoints: list.map((s) => s.endpoint), ttl: 1_000 });
+    await (await locker.lock(prefix("warm"))).release();
+    return locker;
+  }
+
+  it("rejects with a LockConnectionError once the only instance has not answered within the validity time", async () => {
+    const locker = await connected([servers[0]]);
+    const name = prefix("only");
+    servers[0].child!.signal("SIGSTOP");
+    try {
+      const error = await within(locker.lock(name).catch((e) => e), 5_000, "hung");
+      assert.ok(error instanceof LockConnectionError, inspect(error));
+      assert.equal(
+        error.message,
+        `Cannot acquire lock ${JSON.stringify(name)}: Redis at ${
+          servers[0].endpoint
+        } did not answer within 988 ms`,
+      );
+    } finally {
+      servers[0].child!.signal("SIGCONT");
+      await locker.close();
+    }
+  });
+
+  it("rejects with a LockConnectionError saying which did not answer when two of three stop", async () => {
+    const locker = await connected(servers);
+    const name = prefix("two");
+    servers[1].child!.signal("SIGSTOP");
+    servers[2].child!.signal("SIGSTOP");
+    try {
+      const error = await within(locker.lock(name).catch((e) => e), 5_000, "hung");
+      assert.ok(error instanceof LockConnectionError, inspect(error));
+      assert.match(error.message, /1 of 3 Redis instances answered \(2 needed\)/);
+      assert.ok(error.message.includes(`${servers[0].endpoint} granted it`), error.message);
+      for (const server of servers.slice(1)) {
+        assert.ok(
+          error.message.includes(`${server.endpoint}: no answer within 988 ms`),
+          error.message,
+        );
+      }
+      // The one instance that granted it gave it back.
+      assert.equal(servers[0].cli(["EXISTS", `lock:{${name}}`]), "0");
+    } finally {
+      servers[1].child!.signal("SIGCONT");
+      servers[2].child!.signal("SIGCONT");
+      await locker.close();
+    }
+  });
+});
+
 describe("redlock with one of three instances silently partitioned", () => {
   let servers: RedisServer[];
   let proxy: TcpProxy;
@@ -99,6 +173,7 @@ describe("redlock with one of three instances silently partitioned", () => {
     servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
     proxy = await TcpProxy.start(servers[2].endpoint);
   });
+  afterEach(closeOpened);
   after(async () => {
     await proxy.close();
     await Promise.all(servers.map((s) => s.stop()));
@@ -106,7 +181,7 @@ describe("redlock with one of three instances silently partitioned", () => {
 
   it("renews, acquires, releases and closes on the two that answer", async () => {
     const endpoints = [servers[0].endpoint, servers[1].endpoint, proxy.endpoint];
-    const locker = New({ backend: "redis", endpoints, ttl: 1_500 });
+    const locker = open({ backend: "redis", endpoints, ttl: 1_500 });
     const name = prefix("partition");
     const held = await locker.lock(name);
     proxy.hold(); // nothing is forwarded and nothing is closed, as when packets stop
@@ -138,6 +213,7 @@ describe("redlock with the holder's key missing on one instance", () => {
   before(async () => {
     servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
   });
+  afterEach(closeOpened);
   after(async () => {
     await Promise.all(servers.map((s) => s.stop()));
   });
@@ -147,9 +223,9 @@ describe("redlock with the holder's key missing on one instance", () => {
   it("lets a waiter poll a handful of times a second, and wakes nobody when it gives back a partial acquisition", async () => {
     const name = prefix("spin");
     // A long TTL: no renewal puts the key back during the count.
-    const holder = New({ backend: "redis", endpoints: endpoints(), ttl: 30_000 });
+    const holder = open({ backend: "redis", endpoints: endpoints(), ttl: 30_000 });
     // Its own connections, as another process would have.
-    const other = New({ backend: "redis", endpoints: endpoints(), dialTimeout: 4_000 });
+    const other = open({ backend: "redis", endpoints: endpoints(), dialTimeout: 4_000 });
     const held = await holder.lock(name);
     servers[0].cli(["DEL", `lock:{${name}}`]); // as if it had been down at the acquisition
     const waiting = other.lock(name, { timeout: 20_000 });
@@ -175,7 +251,7 @@ describe("redlock with the holder's key missing on one instance", () => {
   it("puts the key back where it is missing at the next renewal, with the same token", async () => {
     const name = prefix("restore");
     const key = `lock:{${name}}`;
-    const holder = New({ backend: "redis", endpoints: endpoints(), ttl: 1_500 });
+    const holder = open({ backend: "redis", endpoints: endpoints(), ttl: 1_500 });
     const lease = await holder.lock(name);
     const token = servers[1].cli(["GET", key]);
     servers[0].cli(["DEL", key]);
@@ -196,7 +272,7 @@ describe("redlock with the holder's key missing on one instance", () => {
   it("never overwrites another holder's key on that instance", async () => {
     const name = prefix("foreign");
     const key = `lock:{${name}}`;
-    const holder = New({ backend: "redis", endpoints: endpoints(), ttl: 1_500 });
+    const holder = open({ backend: "redis", endpoints: endpoints(), ttl: 1_500 });
     const lease = await holder.lock(name);
     servers[0].cli(["SET", key, "someone-else", "PX", "30000"]);
     await sleep(1_500); // two renewals
