@@ -773,7 +773,7 @@ class RedisDriver implements Driver {
       type Reply = "renewed" | "refused" | "missing" | "failed";
       const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
         replies.filter((r) => r !== undefined && which.includes(r)).length;
-      const { answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
+      const { calls, answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
         read: (reply) => reply === 1 ? "renewed" : reply === -1 ? "missing" : "refused",
         failed: () => "failed",
         // Past the lease's deadline no answer can save it.
@@ -788,12 +788,18 @@ class RedisDriver implements Driver {
       }
       if (count(replies, "renewed") < quorum) return { ok: false };
       // Held on a quorum: put the key back on the minority that lost it, or
-      // every waiter's attempt would take it there and give it back.
-      replies.forEach((reply, i) => {
-        if (reply !== "missing") return;
-        instances.run(list[i], RESTORE, [keys.lock, keys.fence], [token, ttl, String(fence)])
-          .catch(() => {}); // the next renewal tries again
-      });
+      // every waiter's attempt would take it there and give it back. Such an
+      // instance may answer after the quorum did: wait for each answer.
+      calls.forEach((call, i) =>
+        void call.then((reply) => {
+          if (reply !== "missing" || released || controller.signal.aborted) return;
+          return instances.run(list[i], RESTORE, [keys.lock, keys.fence], [
+            token,
+            ttl,
+            String(fence),
+          ]).catch(() => {}); // the next renewal tries again
+        })
+      );
       return { ok: true, deadline: sent + ttl - drift(ttl) };
     };
     const clock = new LeaseClock({

@@ -269,6 +269,28 @@ describe("redlock with the holder's key missing on one instance", () => {
     for (const server of servers) assert.equal(server.cli(["EXISTS", key]), "0");
   });
 
+  it("puts the key back on that instance even when it answers after the quorum did", async () => {
+    const name = prefix("restore-slow");
+    const key = `lock:{${name}}`;
+    await using proxy = await TcpProxy.start(servers[0].endpoint);
+    const holder = open({
+      backend: "redis",
+      endpoints: [proxy.endpoint, servers[1].endpoint, servers[2].endpoint],
+      ttl: 1_500,
+    });
+    const lease = await holder.lock(name);
+    const token = servers[1].cli(["GET", key]);
+    proxy.delayMs = 50; // its answer comes after the other two have renewed
+    servers[0].cli(["DEL", key]);
+    await until(
+      () => servers[0].cli(["GET", key]) === token,
+      3_000,
+      "the key back on the instance",
+    );
+    assert.equal(lease.signal.aborted, false);
+    await holder.close();
+  });
+
   it("never overwrites another holder's key on that instance", async () => {
     const name = prefix("foreign");
     const key = `lock:{${name}}`;
