@@ -15,7 +15,9 @@
  *
  * Fencing tokens are monotonic only while Redis keeps the counter: use AOF
  * with `appendfsync always` and no asynchronous failover, or a restart can
- * hand out a token again.
+ * hand out a token again. A lock key deleted or evicted behind the holder's
+ * back is seen at the next renewal (up to `ttl / 3` later) or at the release,
+ * which then aborts `lease.signal`: use `maxmemory-policy noeviction`.
  *
  * @example A locker on a client you own
  * ```ts ignore
@@ -118,18 +120,35 @@ end
 return {0, redis.call('PTTL', KEYS[1])}`;
 
 // KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
+// Without a channel (a partial acquisition given back) it wakes nobody:
+// waiters would only find the lock still held on a majority.
 const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
+  if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[1]) end
   return 1
 end
 return 0`;
 
-// KEYS: lock. ARGV: token, ttl ms. Fenced extend.
+// KEYS: lock. ARGV: token, ttl ms. Fenced extend: 1, or 0 if the key is
+// someone else's, or -1 if it is missing.
 const RENEW = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if holder == false then return -1 end
+return 0`;
+
+// KEYS: lock, fence. ARGV: token, ttl ms, fencing token. Redlock: puts a
+// held lease's key back on an instance that lost it (down at the
+// acquisition, flushed, evicted), only where it is absent, and raises the
+// counter there to the token: the same lease, so nothing is counted.
+const RESTORE = `
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
+  return 1
 end
 return 0`;
 
@@ -339,8 +358,79 @@ class Instances {
     }
   }
 
+  /**
+   * Runs a script on every instance at once; each call gets its own
+   * deadline, since ioredis has none per command. `answers` resolves as soon
+   * as `decided` holds for the answers so far, every instance answered, or
+   * `bound` ms passed, so a stalled or partitioned instance holds up nobody:
+   * one that did not answer in time is `undefined` there. Its call goes on in
+   * `calls` (which never reject), for the caller to undo a late effect.
+   * `answers` rejects with `signal.reason` if it aborts first. With
+   * `where`, only the instances it picks are called; the others answer
+   * `failed(undefined)` at once.
+   */
+  each<T>(
+    script: string,
+    keys: string[],
+    args: (string | number)[],
+    options: {
+      read: (reply: unknown) => T;
+      failed: (error: unknown) => T;
+      bound: number;
+      decided: (answers: (T | undefined)[]) => boolean;
+      signal?: AbortSignal;
+      where?: (i: number) => boolean;
+    },
+  ): { calls: Promise<T>[]; answers: Promise<(T | undefined)[]> } {
+    const { read, failed, bound, decided, signal, where } = options;
+    const calls = this.list.map((instance, i) =>
+      where === undefined || where(i)
+        ? this.run(instance, script, keys, args).then(read).catch(failed)
+        : Promise.resolve(failed(undefined))
+    );
+    const answers = new Promise<(T | undefined)[]>((resolve, reject) => {
+      const soFar: (T | undefined)[] = calls.map(() => undefined);
+      let pending = calls.length;
+      let done = false;
+      const finish = (settle: () => void) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        settle();
+      };
+      const onAbort = () => finish(() => reject(signal!.reason));
+      const timer = setTimeout(() => finish(() => resolve([...soFar])), Math.max(0, bound));
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener("abort", onAbort, { once: true });
+      calls.forEach((call, i) =>
+        call.then((answer) => {
+          if (done) return;
+          soFar[i] = answer;
+          pending -= 1;
+          if (pending === 0 || decided(soFar)) finish(() => resolve([...soFar]));
+        })
+      );
+    });
+    return { calls, answers };
+  }
+
   async close(): Promise<void> {
     await Promise.all(this.list.map((instance) => instance.subscriptions.close()));
+  }
+}
+
+/** An instance that did not answer a call within its deadline. */
+class Silence extends Error {
+  constructor(readonly bound: number) {
+    super(`no answer within ${Math.round(bound)} ms`);
+  }
+
+  /** The caller's error: a connection failure, said as such. */
+  fail(action: string, where: string): LockConnectionError {
+    return new LockConnectionError(
+      `${action}: Redis at ${where} did not answer within ${Math.round(this.bound)} ms`,
+    );
   }
 }
 
@@ -451,8 +541,11 @@ class RedisDriver implements Driver {
 
   /**
    * One attempt on every instance at once. Acquired on a quorum within the
-   * validity time: a grant. Otherwise whatever was acquired is released
-   * again, and the shortest remaining PTTL tells how long to wait at most.
+   * validity time: a grant. Otherwise whatever was acquired is given back,
+   * and the shortest remaining PTTL tells how long to wait at most. A quorum
+   * of answers decides: an instance that has not answered by then (stalled,
+   * partitioned) holds nobody up, and what its SET does when it runs late is
+   * given back unless it joined a lease that is still held.
    */
   async #attempt(
     keys: ReturnType<typeof keysOf>,
@@ -462,45 +555,119 @@ class RedisDriver implements Driver {
   ): Promise<{ grant?: Grant; pttl: number }> {
     const { ttl } = this.#settings;
     const instances = this.#instances;
+    const { list, quorum } = instances;
     const sentAt = performance.now();
-    const answers = Promise.all(instances.list.map(async (instance): Promise<Answer> => {
-      try {
-        const [ok, value] = await instances.run(instance, ACQUIRE, [keys.lock, keys.fence], [
-          token,
-          ttl,
-        ]) as [number, number];
-        return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
-      } catch (error) {
-        return { kind: "failed", error };
-      }
-    }));
-    let results: Answer[];
+    // Past the validity time no answer can make a grant: each call's deadline.
+    const bound = ttl - drift(ttl);
+    const { calls, answers } = instances.each<Answer>(
+      ACQUIRE,
+      [keys.lock, keys.fence],
+      [token, ttl],
+      {
+        read: (reply) => {
+          const [ok, value] = reply as [number, number];
+          return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
+        },
+        failed: (error) => ({ kind: "failed", error }),
+        bound,
+        // A grant, or a lock held elsewhere, needs no more answers. An
+        // outcome that will be an error waits for them all (within the
+        // bound), so the error says what each instance answered.
+        decided: (so) => {
+          const acquired = so.filter((a) => a?.kind === "acquired").length;
+          const not = so.filter((a) => a !== undefined && a.kind !== "acquired").length;
+          const failed = so.filter((a) => a?.kind === "failed").length;
+          return acquired >= quorum ||
+            (list.length - not < quorum && list.length - failed >= quorum);
+        },
+        signal,
+      },
+    );
+    let answered: (Answer | undefined)[];
     try {
-      results = await abortable(answers, signal);
+      answered = await answers;
     } catch (reason) {
       // Given up while a SET was in flight (a stalled server, say): when the
       // answer comes, give back whatever it acquired. No ghost lock.
-      answers.then((late) => this.#releaseWhere(late, keys, token), () => {});
+      // It may have been a whole acquisition that waiters saw: wake them.
+      this.#giveBackLate(calls, undefined, keys, token, () => true, true);
       throw reason;
     }
+    const results = answered.map((a): Answer => a ?? { kind: "failed", error: new Silence(bound) });
     const acquired = results.filter((a) => a.kind === "acquired");
     const validity = ttl - (performance.now() - sentAt) - drift(ttl);
-    if (acquired.length >= instances.quorum && validity > 0) {
+    if (acquired.length >= quorum && validity > 0) {
       let fence = Math.max(...acquired.map((a) => a.fence));
-      if (instances.list.length > 1) fence = await this.#raise(results, keys, fence, action);
-      return { grant: this.#hold(keys, token, BigInt(fence), sentAt), pttl: 0 };
+      if (list.length > 1) {
+        try {
+          fence = await this.#raise(results, keys, fence, sentAt + bound, action);
+        } catch (error) {
+          await this.#releaseWhere(results, keys, token, bound, true);
+          this.#giveBackLate(calls, answered, keys, token, () => true);
+          throw error;
+        }
+      }
+      const held = this.#hold(keys, token, BigInt(fence), sentAt);
+      // A late SET that took the key joined this lease: renewals extend it and
+      // the release, sent after it on the same connection, deletes it. Once
+      // the lease has ended, nothing will: give it back.
+      this.#giveBackLate(calls, answered, keys, token, held.ended);
+      return { grant: held.grant, pttl: 0 };
     }
-    await this.#releaseWhere(results, keys, token);
+    // Acquired on a quorum, too late to hold: waiters saw it held, so wake them.
+    await this.#releaseWhere(results, keys, token, bound, acquired.length >= quorum);
+    this.#giveBackLate(calls, answered, keys, token, () => true);
     const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
       a.kind === "failed"
     );
     const fatal = failed.find((f) => ["auth", "permission"].includes(instances.kind(f.error)));
     if (fatal) throw this.#describe(fatal.error, results, action, token);
-    if (instances.list.length - failed.length < instances.quorum) {
+    if (list.length - failed.length < quorum) {
       throw this.#describe(undefined, results, action, token);
     }
     const waits = results.filter((a) => a.kind === "held").map((a) => a.pttl).filter((p) => p > 0);
     return { pttl: waits.length > 0 ? Math.min(...waits) : this.#settings.retryInterval };
+  }
+
+  /**
+   * Gives back, when it comes, each acquisition in `calls` that had not
+   * answered in `answered` (all of them without it), if `unwanted()` says so
+   * by then; `wake` as for `#giveBack`.
+   */
+  #giveBackLate(
+    calls: Promise<Answer>[],
+    answered: (Answer | undefined)[] | undefined,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    unwanted: () => boolean,
+    wake = false,
+  ): void {
+    calls.forEach((call, i) => {
+      if (answered?.[i] !== undefined) return;
+      void call.then((answer) =>
+        answer.kind === "acquired" && unwanted() ? this.#giveBack(i, keys, token, wake) : undefined
+      );
+    });
+  }
+
+  /**
+   * Gives back an acquisition on instance `i` (fenced: only if the key is
+   * still `token`'s). With `wake`, waiters are told; a partial acquisition
+   * given back must not wake them, or each wakes the others and itself,
+   * takes the key there again, and they spin.
+   */
+  #giveBack(
+    i: number,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    wake = false,
+  ): Promise<void> {
+    const instance = this.#instances.list[i];
+    const channel = wake ? keys.channel : "";
+    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel]).then(
+      () => {},
+      () => {},
+    );
   }
 
   /** An error that says what each instance answered. */
@@ -521,6 +688,7 @@ class RedisDriver implements Driver {
     if (list.length === 1) {
       const only = results[0];
       if (only.kind === "failed") {
+        if (only.error instanceof Silence) return only.error.fail(action, list[0].name);
         return this.#instances.error(only.error, action, list[0].name, token);
       }
     }
@@ -533,78 +701,107 @@ class RedisDriver implements Driver {
     return errorOf(instances.kind(fatal), summary, { cause: instances.scrub(fatal, token) });
   }
 
-  /** Redlock: raises the fencing counter on the acquired instances to the token. */
+  /**
+   * Redlock: raises the fencing counter on the acquired instances to the
+   * token, so a later majority, which shares one of them, counts past it.
+   * A quorum of them by `deadline` is enough.
+   */
   async #raise(
     results: Answer[],
     keys: ReturnType<typeof keysOf>,
     fence: number,
+    deadline: number,
     action: string,
   ): Promise<number> {
     const instances = this.#instances;
-    const raised = await Promise.all(
-      results.map((answer, i) =>
-        answer.kind === "acquired"
-          ? instances.run(instances.list[i], RAISE, [keys.fence], [fence]).then(
-            () => true,
-            () => false,
-          )
-          : false
-      ),
-    );
-    if (raised.filter(Boolean).length < instances.quorum) {
+    const { answers } = instances.each<boolean>(RAISE, [keys.fence], [fence], {
+      where: (i) => results[i].kind === "acquired",
+      read: () => true,
+      failed: () => false,
+      bound: deadline - performance.now(),
+      decided: (so) => so.filter(Boolean).length >= instances.quorum,
+    });
+    if ((await answers).filter(Boolean).length < instances.quorum) {
       throw new LockConnectionError(`${action}: could not record the fencing token on a quorum`);
     }
     return fence;
   }
 
-  async #releaseWhere(results: Answer[], keys: ReturnType<typeof keysOf>, token: string) {
-    await Promise.all(
+  /** Gives back every acquisition in `results`, waiting `bound` ms at most; `wake` as for `#giveBack`. */
+  async #releaseWhere(
+    results: Answer[],
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    bound: number,
+    wake = false,
+  ): Promise<void> {
+    const given = Promise.all(
       results.map((answer, i) =>
-        answer.kind === "acquired"
-          ? this.#instances.run(this.#instances.list[i], RELEASE, [keys.lock], [
-            token,
-            keys.channel,
-          ])
-            .catch(() => {})
-          : undefined
+        answer.kind === "acquired" ? this.#giveBack(i, keys, token, wake) : undefined
       ),
     );
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      // A give-back not answered in time still runs; the key expires anyway.
+      await Promise.race([given, new Promise((resolve) => timer = setTimeout(resolve, bound))]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /**
    * The held lock. Loss is decided locally (see `LeaseClock`): the deadline
    * is the send time of the last acquisition or renewal that a quorum
    * confirmed, plus the TTL, less the drift allowance. A renewal that Redis
-   * refuses (the key is gone or someone else's) loses the lock at once.
+   * refuses (the key is gone or someone else's) loses the lock at once. A
+   * quorum of answers decides each renewal and the release; no call waits
+   * past the lease's deadline. `ended` says whether it was released or lost.
    */
   #hold(
     keys: ReturnType<typeof keysOf>,
     token: string,
     fence: bigint,
     sentAt: number,
-  ): Grant {
+  ): { grant: Grant; ended: () => boolean } {
     const { ttl, autoRenew } = this.#settings;
     const instances = this.#instances;
+    const { list, quorum } = instances;
     const name = keys.name;
     const controller = new AbortController();
+    let released = false;
     const renew = async (): Promise<Renewal> => {
       const sent = performance.now();
-      const replies = await Promise.all(
-        instances.list.map((instance) =>
-          instances.run(instance, RENEW, [keys.lock], [token, ttl]).then(
-            (reply) => (reply === 1 ? "renewed" : "refused") as "renewed" | "refused",
-            () => "failed" as const,
-          )
-        ),
-      );
-      const renewed = replies.filter((r) => r === "renewed").length;
-      const refused = replies.filter((r) => r === "refused").length;
-      if (instances.list.length - refused < instances.quorum) {
+      type Reply = "renewed" | "refused" | "missing" | "failed";
+      const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
+        replies.filter((r) => r !== undefined && which.includes(r)).length;
+      const { calls, answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
+        read: (reply) => reply === 1 ? "renewed" : reply === -1 ? "missing" : "refused",
+        failed: () => "failed",
+        // Past the lease's deadline no answer can save it.
+        bound: clock.deadline - sent,
+        decided: (so) =>
+          count(so, "renewed") >= quorum ||
+          list.length - count(so, "refused", "missing") < quorum,
+      });
+      const replies = await answers;
+      if (list.length - count(replies, "refused", "missing") < quorum) {
         return { lost: "its key was deleted or taken over" };
       }
-      return renewed >= instances.quorum
-        ? { ok: true, deadline: sent + ttl - drift(ttl) }
-        : { ok: false };
+      if (count(replies, "renewed") < quorum) return { ok: false };
+      // Held on a quorum: put the key back on the minority that lost it, or
+      // every waiter's attempt would take it there and give it back. Such an
+      // instance may answer after the quorum did: wait for each answer.
+      calls.forEach((call, i) =>
+        void call.then((reply) => {
+          if (reply !== "missing" || released || controller.signal.aborted) return;
+          return instances.run(list[i], RESTORE, [keys.lock, keys.fence], [
+            token,
+            ttl,
+            String(fence),
+          ]).catch(() => {}); // the next renewal tries again
+        })
+      );
+      return { ok: true, deadline: sent + ttl - drift(ttl) };
     };
     const clock = new LeaseClock({
       deadline: sentAt + ttl - drift(ttl),
@@ -615,30 +812,44 @@ class RedisDriver implements Driver {
       lapse: (detail) => controller.abort(new LockLostError(name, detail)),
       expired: `its ${ttl} ms lease ran out before a renewal was confirmed`,
     });
+    const release = async () => {
+      released = true;
+      clock.stop();
+      type Reply = "deleted" | "not ours" | { error: unknown };
+      const count = (replies: (Reply | undefined)[], which: (r: Reply) => boolean) =>
+        replies.filter((r) => r !== undefined && which(r)).length;
+      const notOurs = (r: Reply) => r === "not ours";
+      const failed = (r: Reply) => typeof r === "object";
+      // Past the lease's deadline (and the drift allowed) the key has expired anyway.
+      const bound = clock.deadline - performance.now() + drift(ttl);
+      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], [token, keys.channel], {
+        read: (reply) => reply === 1 ? "deleted" : "not ours",
+        failed: (error) => ({ error }),
+        bound,
+        decided: (so) =>
+          count(so, (r) => r === "deleted") >= quorum ||
+          list.length - count(so, notOurs) < quorum ||
+          list.length - count(so, failed) < quorum,
+      });
+      const replies = (await answers).map((r): Reply => r ?? { error: new Silence(bound) });
+      if (list.length - count(replies, notOurs) < quorum) {
+        // The key was deleted, evicted or overwritten while this holder
+        // believed it held the lock: the work did not run under it.
+        controller.abort(new LockLostError(name, "it was taken away before the release"));
+        return;
+      }
+      if (list.length - count(replies, failed) < quorum) {
+        const i = replies.findIndex(failed);
+        const { error } = replies[i] as { error: unknown };
+        const action = `Cannot release lock ${JSON.stringify(name)}`;
+        throw error instanceof Silence
+          ? error.fail(action, list[i].name)
+          : instances.error(error, action, list[i].name, token);
+      }
+    };
     return {
-      token: fence,
-      signal: controller.signal,
-      check: () => void clock.check(),
-      release: async () => {
-        clock.stop();
-        const replies = await Promise.all(
-          instances.list.map((instance) =>
-            instances.run(instance, RELEASE, [keys.lock], [token, keys.channel]).then(
-              () => undefined,
-              (error) => error,
-            )
-          ),
-        );
-        const errors = replies.filter((e) => e !== undefined);
-        if (instances.list.length - errors.length < instances.quorum) {
-          throw instances.error(
-            errors[0],
-            `Cannot release lock ${JSON.stringify(name)}`,
-            instances.list[replies.indexOf(errors[0])].name,
-            token,
-          );
-        }
-      },
+      grant: { token: fence, signal: controller.signal, check: () => void clock.check(), release },
+      ended: () => released || controller.signal.aborted,
     };
   }
 

@@ -179,10 +179,13 @@ describe("redlock over three instances", () => {
     const name = prefix("majorities");
     // Skew the counters: the first instance counts far ahead of the others.
     servers[0].cli(["SET", `lock:{${name}}:fence`, "100"]);
+    // A quorum of answers decides: make the first majority the first two.
+    servers[2].cli(["SET", `lock:{${name}}`, "someone-else", "PX", "30000"]);
     const locker = New({ backend: "redis", endpoints: endpoints() });
     const first = await locker.lock(name);
     assert.equal(first.token, 101n);
     await first.release();
+    servers[2].cli(["DEL", `lock:{${name}}`]);
     await servers[0].shutdown("SIGKILL"); // the next majority is the other two
     try {
       const second = await locker.lock(name, { timeout: 5_000 });
