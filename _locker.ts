@@ -63,7 +63,9 @@ export interface Lease extends AsyncDisposable {
   readonly signal: AbortSignal;
   /**
    * Releases the lock if it is still this lease's (a fenced release).
-   * Idempotent: later calls return the first call's promise.
+   * Idempotent: later calls return the first call's promise. A release that
+   * finds the lock already taken away resolves, and aborts `signal` with a
+   * `LockLostError` first.
    */
   release(): Promise<void>;
 }
@@ -87,11 +89,11 @@ export interface Locker extends AsyncDisposable {
    * Waits until the lock on `key` is acquired. Waiters are served first come,
    * first served within this locker (and across processes on etcd).
    *
-   * @param key The lock's name: a non-empty string of at most 1024 UTF-8 bytes.
+   * @param key The lock's name: a non-empty, well-formed string of at most 1024 UTF-8 bytes.
    * @param options A signal and/or timeout to give up.
    * @returns The held lease.
    * @throws {TypeError} A key or option of the wrong type.
-   * @throws {RangeError} An empty or too long key, or a bad timeout.
+   * @throws {RangeError} An empty, too long or ill-formed key, or a bad timeout.
    * @throws {LockTimeoutError} The `timeout` ran out; nothing is left behind.
    * @throws {LockClosedError} The locker is or was closed while waiting.
    */

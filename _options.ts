@@ -314,11 +314,11 @@ export function resolveOptions(options: unknown): ResolvedOptions {
 }
 
 /**
- * Checks a lock key: a non-empty string of at most {@linkcode MAX_KEY_BYTES}
- * UTF-8 bytes.
+ * Checks a lock key: a non-empty, well-formed string of at most
+ * {@linkcode MAX_KEY_BYTES} UTF-8 bytes.
  *
  * @throws {TypeError} A key that is not a string.
- * @throws {RangeError} An empty or too long key.
+ * @throws {RangeError} An empty or too long key, or one with a lone surrogate.
  */
 export function validateKey(key: unknown): string {
   if (typeof key !== "string") {
@@ -333,5 +333,18 @@ export function validateKey(key: unknown): string {
       }`,
     );
   }
+  // A lone surrogate would reach a server as U+FFFD: two different keys, one lock.
+  if (!(key as string & { isWellFormed(): boolean }).isWellFormed()) {
+    throw new RangeError(
+      `Invalid lock key: expected a well-formed string, received one with a lone surrogate at index ${
+        loneSurrogate(key)
+      }`,
+    );
+  }
   return key;
+}
+
+/** Where a string has its first unpaired surrogate. */
+function loneSurrogate(key: string): number {
+  return key.search(/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/);
 }
