@@ -487,20 +487,21 @@ class Acquisition {
     const ours = Buffer.from(this.#key);
     for (;;) {
       // The predecessor and our own key, read at one revision.
-      const response = await this.#calls.txn({
-        compare: [],
-        success: [
-          {
-            request_range: {
-              ...this.#ownerRange,
-              sort_order: "Descend",
-              max_create_revision: before,
+      const response = await this.#whileWaiting(signal, () =>
+        this.#calls.txn({
+          compare: [],
+          success: [
+            {
+              request_range: {
+                ...this.#ownerRange,
+                sort_order: "Descend",
+                max_create_revision: before,
+              },
             },
-          },
-          { request_range: { key: ours } },
-        ],
-        failure: [],
-      });
+            { request_range: { key: ours } },
+          ],
+          failure: [],
+        }));
       const mine = response.responses[1].response_range.kvs[0];
       if (mine === undefined || mine.create_revision !== revision) {
         throw new LockLostError(
@@ -515,11 +516,31 @@ class Acquisition {
   }
 
   /**
+   * A read made while waiting, tried again while etcd is unreachable (a
+   * restart, a cut connection): the wait is bounded by the caller's signal
+   * and the session, not by one failed round trip.
+   */
+  async #whileWaiting<T>(signal: AbortSignal, read: () => Promise<T>): Promise<T> {
+    for (let attempt = 0;; attempt++) {
+      try {
+        return await read();
+      } catch (error) {
+        if (!(this.#calls.error(error, "") instanceof LockConnectionError)) throw error;
+        if (this.#session.signal.aborted) {
+          throw new LockLostError(this.#name, "the session lease expired while waiting");
+        }
+        await delay(Math.min(1_000, 50 * 2 ** attempt), signal);
+      }
+    }
+  }
+
+  /**
    * Waits for `kv` to be deleted. The watch starts at the current revision
    * (a watch from an older one is "unsynced" and etcd 3.4 delivers its events
    * only on a later catch-up pass, ~80 ms); a read after the watch is in
-   * place catches a delete that came before it. Polling at `retryInterval`
-   * covers a lost event.
+   * place catches a delete that came before it. The hub resumes the watch
+   * after a stream break without losing an event; if etcd cancels it, a new
+   * one is made the same way. Polling at `retryInterval` covers a lost event.
    */
   async #waitDelete(kv: IKeyValue, signal: AbortSignal): Promise<void> {
     const stop = new AbortController();
@@ -533,21 +554,27 @@ class Acquisition {
     let watch: Watch | undefined;
     try {
       const gone = new Promise<void>((resolve) => {
-        this.#hub.watch(kv.key, undefined, {
-          onEvents: (events) => {
-            if (
-              events.some((e) => e.type === "Delete" || e.kv.create_revision !== kv.create_revision)
-            ) {
-              resolve();
-            }
-          },
-          onError: () => {}, // the poll below carries on
-        }).then((w) => {
-          if (stop.signal.aborted) return w.cancel();
+        const start = () => {
+          if (stop.signal.aborted) return;
+          const w = this.#hub.watch(kv.key, undefined, {
+            onEvents: (events) => {
+              if (
+                events.some((e) =>
+                  e.type === "Delete" || e.kv.create_revision !== kv.create_revision
+                )
+              ) {
+                resolve();
+              }
+            },
+            onError: start,
+          });
           watch = w;
-          // The watch is in place: a read now sees any delete it missed.
-          this.#stillThere(kv).then((there) => there || resolve(), () => {});
-        }, () => {});
+          w.created.then(() => {
+            // The watch is in place: a read now sees any delete it missed.
+            if (watch === w) this.#stillThere(kv).then((there) => there || resolve(), () => {});
+          }, () => {}); // refused: the poll below carries on
+        };
+        start();
       });
       const polled = (async () => {
         for (;;) {
@@ -597,9 +624,10 @@ class Acquisition {
     this.#session.signal.addEventListener("abort", onSessionLost, { once: true });
     if (this.#session.signal.aborted) onSessionLost();
     // From the revision after the one we last saw our key at, so nothing in
-    // between is missed; after a broken stream, read the key and start again.
+    // between is missed. The hub resumes it after a stream break; if etcd
+    // cancels it or refuses it, read the key and start again.
     const watchFrom = (from: string) => {
-      this.#hub.watch(key, from, {
+      const w = this.#hub.watch(key, from, {
         onEvents: (events) => {
           for (const event of events) {
             if (event.type === "Delete") lose(new LockLostError(this.#name, "its key was deleted"));
@@ -609,10 +637,11 @@ class Acquisition {
           }
         },
         onError: () => resync(),
-      }).then((w) => {
-        if (ended) return w.cancel();
-        watch = w;
-      }, () => resync());
+      });
+      watch = w;
+      w.created.catch(() => {
+        if (watch === w) resync();
+      });
     };
     const resync = () => {
       watch = undefined;

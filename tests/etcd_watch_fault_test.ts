@@ -1,0 +1,100 @@
+// etcd watches when the watch stream breaks (etcd restarted), and sessions
+// revoked by someone else: a lock is never believed held after its key is gone,
+// and waiting stays a watch, not a poll.
+
+import { after, before, describe, it } from "./_bdd.ts";
+import assert from "node:assert/strict";
+import { inspect } from "node:util";
+import { Etcd3 } from "etcd3";
+import { type Locker, LockLostError, New } from "../mod.ts";
+import { EtcdCluster } from "./_servers.ts";
+import { prefix, sleep, until } from "./_util.ts";
+
+let cluster: EtcdCluster;
+let probe: Etcd3;
+
+/** The keys under `name + "/"`, lowest create revision first. */
+async function queue(name: string): Promise<string[]> {
+  const response = await probe.getAll().prefix(`${name}/`).sort("Create", "Ascend").exec();
+  return response.kvs.map((kv) => kv.key.toString());
+}
+
+/** Restarts the one etcd member, then waits until `locker`'s client works again. */
+async function restartEtcd(locker: Locker): Promise<void> {
+  await cluster.killMember(0);
+  await cluster.startMember(0);
+  const name = prefix("up");
+  await until(
+    async () => {
+      const lease = await locker.tryLock(name).catch(() => undefined);
+      await lease?.release();
+      return lease !== undefined;
+    },
+    20_000,
+    "the client to reach etcd again",
+  );
+}
+
+describe("etcd: watches across a restart of etcd", () => {
+  before(async () => {
+    cluster = await EtcdCluster.start();
+    probe = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
+  });
+  after(async () => {
+    probe.close();
+    await cluster.stop();
+  });
+
+  it("aborts the holder's signal when its key is deleted after a restart in which a waiter of the same locker stopped waiting", async () => {
+    // The issue's steps: L1 waits for b (watch 0 on the stream), then holds a
+    // (watch 1); etcd restarts and numbers watches from 0 again.
+    const [a, b] = [prefix("held"), prefix("waited")];
+    const l1 = New({ endpoints: cluster.endpoints });
+    const l2 = New({ endpoints: cluster.endpoints });
+    const heldB = await l2.lock(b);
+    const waitingB = l1.lock(b, { timeout: 60_000 });
+    await until(async () => (await queue(b)).length === 2, 5_000, "L1 to queue for b");
+    const heldA = await l1.lock(a);
+    await restartEtcd(l2);
+    await sleep(500); // the holder's watch is back on the new stream
+    await heldB.release();
+    const leaseB = await waitingB;
+    const [keyA] = await queue(a);
+    cluster.etcdctl(["del", keyA]);
+    await until(() => heldA.signal.aborted, 5_000, "the holder's signal to abort").catch(() => {});
+    assert.ok(
+      heldA.signal.reason instanceof LockLostError,
+      `L1 still believes it holds ${a} after its key was deleted: ${inspect(heldA.signal.reason)}`,
+    );
+    assert.match(heldA.signal.reason.message, /its key was deleted/);
+    const stolen = await l2.tryLock(a);
+    assert.ok(stolen, "the deleted lock is free for another locker");
+    await leaseB.release();
+    await Promise.all([l1.close(), l2.close()]);
+  });
+
+  it("hands the lock over through a watch after a restart, well inside a 4 s poll interval", async () => {
+    const name = prefix("handoff-restart");
+    const options = { endpoints: cluster.endpoints, retryInterval: 4_000 };
+    const [holder, waiter] = [New(options), New(options)];
+    const times: number[] = [];
+    // Three rounds: a poll at 4 s would pass one round by luck a quarter of the time.
+    for (let round = 0; round < 3; round++) {
+      const held = await holder.lock(name);
+      const waiting = waiter.lock(name, { timeout: 60_000 });
+      await until(async () => (await queue(name)).length === 2, 5_000, "the waiter to queue");
+      await restartEtcd(holder);
+      await sleep(1_500); // time enough for the waiter to watch again
+      const released = performance.now();
+      await held.release();
+      const lease = await waiting;
+      times.push(performance.now() - released);
+      await lease.release();
+    }
+    assert.ok(
+      times.every((t) => t < 1_000),
+      `hand-offs after a restart took ${times.map((t) => t.toFixed(0)).join(", ")} ms`,
+    );
+    await Promise.all([holder.close(), waiter.close()]);
+  });
+});
