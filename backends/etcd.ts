@@ -36,6 +36,7 @@ import {
   Etcd3,
   EtcdAuthenticationFailedError,
   EtcdInvalidAuthTokenError,
+  EtcdLeaseInvalidError,
   EtcdPermissionDeniedError,
   GRPCDeadlineExceededError,
   GRPCUnauthenticatedError,
@@ -315,6 +316,14 @@ class Session {
   /** Remembers a key whose delete failed, to retry until the lease ends. */
   orphan(key: string, createRevision: string) {
     this.#orphans.set(key, createRevision);
+  }
+
+  /**
+   * The server said the lease is gone (revoked by someone else, say): lose
+   * it now, so its holders hear of it and the next call grants a new one.
+   */
+  lost(detail: string): void {
+    this.#clock.lose(detail);
   }
 
   /** Aborts `signal` if the deadline has passed; whether it is aborted. */
@@ -732,15 +741,29 @@ class EtcdDriver implements Driver {
         if (!shared) granting.then((late) => late.close(), () => {});
         throw error;
       });
-      const acquisition = new Acquisition(
-        this.#calls,
-        this.#hub,
-        session,
-        key,
-        this.#settings.retryInterval,
-      );
+      let acquisition: Acquisition;
+      let won: Awaited<ReturnType<Acquisition["run"]>>;
       const started = performance.now();
-      const won = await acquisition.run(wait, signal);
+      for (let attempt = 0;; attempt++) {
+        acquisition = new Acquisition(
+          this.#calls,
+          this.#hub,
+          session,
+          key,
+          this.#settings.retryInterval,
+        );
+        try {
+          won = await acquisition.run(wait, signal);
+          break;
+        } catch (error) {
+          // etcd no longer knows the lease (revoked behind our back): that is
+          // the session lost, not this call. Once more on a new session.
+          if (!(error instanceof EtcdLeaseInvalidError) || attempt > 0) throw error;
+          session.lost("the lease was revoked on the server");
+          if (!shared) await session.close();
+          session = await abortable(shared ? this.#sharedSession() : this.#grant(), signal);
+        }
+      }
       if (won === undefined) {
         if (!shared) await session.close();
         return undefined;

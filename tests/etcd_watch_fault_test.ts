@@ -98,3 +98,35 @@ describe("etcd: watches across a restart of etcd", () => {
     await Promise.all([holder.close(), waiter.close()]);
   });
 });
+
+describe("etcd: a session lease revoked by someone else", () => {
+  before(async () => {
+    cluster = await EtcdCluster.start();
+    probe = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
+  });
+  after(async () => {
+    probe.close();
+    await cluster.stop();
+  });
+
+  it("aborts the holder's signal at once, and the waiter whose turn came and new calls get a fresh session", async () => {
+    const name = prefix("revoked");
+    // A long lease: the next keepalive, which would tell, is 10 s away.
+    const locker = New({ endpoints: cluster.endpoints, ttl: 30_000 });
+    const held = await locker.lock(name);
+    const waiting = locker.lock(name, { timeout: 10_000 });
+    const [key] = await queue(name);
+    const lease = key.slice(name.length + 1);
+    cluster.etcdctl(["lease", "revoke", lease]);
+    await until(() => held.signal.aborted, 2_000, "the holder's signal to abort");
+    assert.ok(held.signal.reason instanceof LockLostError, inspect(held.signal.reason));
+    const next = await waiting;
+    assert.ok(next.token > held.token);
+    const [nextKey] = await queue(name);
+    assert.notEqual(nextKey, key, "the waiter queued on the revoked lease");
+    const other = await locker.tryLock(prefix("after-revoke"));
+    assert.ok(other, "tryLock() after the revoke was refused");
+    await locker.close();
+    assert.deepEqual(await queue(name), []);
+  });
+});
