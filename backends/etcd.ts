@@ -5,7 +5,8 @@
  *
  * The protocol is Go's: the lock key is `NAME + "/"` plus the session lease ID
  * in lowercase hex, attached to that lease; the holder is the key with the
- * lowest create revision; a waiter watches only the deletion of the key just
+ * lowest create revision among such keys (`NAME/a/<lease>` belongs to the lock
+ * `NAME/a`, not to `NAME`); a waiter watches only the deletion of the key just
  * before its own, then re-reads its own key (the fix for etcd-io/etcd#11456)
  * before it counts as the holder. The fencing token is the key's create
  * revision, and release deletes the key only if that revision is still ours.
@@ -160,16 +161,23 @@ function translate(error: unknown, action: string, username: string, password: s
   return new LockError(`${action}: ${cause.message}`, { cause });
 }
 
-/** The end of the key range that holds every key starting with `prefix`. */
-function prefixEnd(prefix: Buffer): Buffer {
-  const end = Buffer.from(prefix);
-  for (let i = end.length - 1; i >= 0; i--) {
-    if (end[i] < 0xff) {
-      end[i]++;
-      return end.subarray(0, i + 1);
-    }
+/** The longest lease ID in hex: etcd's IDs are positive 64-bit integers. */
+const MAX_HEX = 16;
+
+/**
+ * Whether `key` is a queue entry of the lock whose keys start with `prefix`
+ * (`NAME/`): the prefix and then a lease ID in lowercase hex, as Go's Mutex
+ * writes it, and nothing else. `NAME/a/<lease>` is an entry of the lock
+ * `NAME/a`, not of `NAME`, though it shares the prefix.
+ */
+function isEntry(key: Buffer, prefix: Buffer): boolean {
+  const length = key.length - prefix.length;
+  if (length < 1 || length > MAX_HEX) return false;
+  for (let i = prefix.length; i < key.length; i++) {
+    const c = key[i];
+    if (!((c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x66))) return false; // 0-9, a-f
   }
-  return Buffer.from([0]);
+  return key.subarray(0, prefix.length).equals(prefix);
 }
 
 /** The client calls the protocol makes, each with the connection's deadline. */
@@ -385,8 +393,8 @@ async function fencedDelete(calls: Calls, key: string, revision: string): Promis
 interface Attempt {
   /** Our key's create revision. */
   revision: string;
-  /** Whether our key has the lowest create revision under the prefix. */
-  owner: boolean;
+  /** The oldest key in the owner range, which may be another lock's. */
+  first: IKeyValue | undefined;
   header: IResponseHeader;
 }
 
@@ -410,14 +418,62 @@ class Acquisition {
     this.#retryInterval = retryInterval;
   }
 
+  /**
+   * The keys that may be queue entries, the oldest first: `NAME/0` up to
+   * `NAME/g`, where every lease ID in hex lies. Longer names that share the
+   * prefix and start with another character fall outside; the rest are
+   * skipped when read.
+   */
   get #ownerRange(): IRangeRequest {
     return {
-      key: this.#prefix,
-      range_end: prefixEnd(this.#prefix),
+      key: Buffer.concat([this.#prefix, Buffer.from("0")]),
+      range_end: Buffer.concat([this.#prefix, Buffer.from("g")]),
       sort_target: "Create",
       sort_order: "Ascend",
       limit: 1,
     };
+  }
+
+  /**
+   * `first`, the oldest (or newest) key a transaction read from the owner
+   * range with limit 1, if it is a queue entry. If it is another lock's key,
+   * the range is read again, in pages and in create-revision `order`, for the
+   * first queue entry created at or before revision `bound`. Undefined if
+   * there is none.
+   */
+  async #entry(
+    first: IKeyValue | undefined,
+    order: "Ascend" | "Descend",
+    bound: string,
+  ): Promise<IKeyValue | undefined> {
+    if (first === undefined || isEntry(first.key, this.#prefix)) return first;
+    const seen = new Set<string>();
+    let limit = 64;
+    let from: string | undefined;
+    for (;;) {
+      const response = await this.#calls.range({
+        ...this.#ownerRange,
+        sort_order: order,
+        limit,
+        keys_only: true,
+        max_create_revision: order === "Descend" && from !== undefined ? from : bound,
+        ...(order === "Ascend" && from !== undefined ? { min_create_revision: from } : {}),
+      });
+      let fresh = 0;
+      for (const kv of response.kvs) {
+        const id = kv.key.toString("hex");
+        if (seen.has(id)) continue;
+        seen.add(id);
+        fresh++;
+        if (isEntry(kv.key, this.#prefix)) return kv;
+      }
+      if (!response.more) return undefined;
+      // Keys one transaction made share a create revision: the next page
+      // starts at the last one's (the bounds are inclusive), and is longer
+      // if the whole page shared it.
+      from = response.kvs[response.kvs.length - 1].create_revision;
+      if (fresh === 0) limit *= 2;
+    }
   }
 
   /**
@@ -437,12 +493,11 @@ class Acquisition {
         ],
         failure: [{ request_range: { key } }, { request_range: this.#ownerRange }],
       });
-      const owner = response.responses[1].response_range.kvs[0];
       if (response.succeeded) {
         const revision = response.header.revision;
         return {
           revision,
-          owner: owner === undefined || owner.create_revision === revision,
+          first: response.responses[1].response_range.kvs[0],
           header: response.header,
         };
       }
@@ -464,7 +519,10 @@ class Acquisition {
     const attempt = await this.#put();
     try {
       if (signal.aborted) throw signal.reason;
-      if (attempt.owner) return { revision: attempt.revision, header: attempt.header };
+      const owner = await this.#entry(attempt.first, "Ascend", attempt.revision);
+      if (owner === undefined || owner.create_revision === attempt.revision) {
+        return { revision: attempt.revision, header: attempt.header };
+      }
       if (!wait) {
         await this.#delete(attempt.revision);
         return undefined;
@@ -518,7 +576,10 @@ class Acquisition {
           "its queued key was deleted, or its session expired, while it waited",
         );
       }
-      const predecessor = response.responses[0].response_range.kvs[0];
+      const predecessor = await this.#whileWaiting(
+        signal,
+        () => this.#entry(response.responses[0].response_range.kvs[0], "Descend", before),
+      );
       if (predecessor === undefined) return response.header;
       await this.#waitDelete(predecessor, signal);
     }
