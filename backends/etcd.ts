@@ -3,6 +3,13 @@
  * wire-compatible with Go's `client/v3/concurrency.Mutex`, so TypeScript
  * services, Go services and `etcdctl lock NAME` exclude each other.
  *
+ * The FIFO is etcd's queue of keys, one per locker and name: a locker's
+ * first waiting call for a name holds its place there, and its later calls
+ * queue in process and take a new place, at the back, when the one before
+ * them is done. Calls on one locker are served in arrival order; across
+ * lockers, arrivals W1 (locker A), W2 (locker A), W3 (locker C) are served
+ * W1, W3, W2.
+ *
  * The protocol is Go's: the lock key is `NAME + "/"` plus the session lease ID
  * in lowercase hex, attached to that lease; the holder is the key with the
  * lowest create revision among such keys (`NAME/a/<lease>` belongs to the lock

@@ -79,4 +79,36 @@ describe("etcd: the queue of a lock", () => {
       await probe.delete().prefix(`${name}/`);
     });
   });
+
+  describe("order across lockers", () => {
+    it("serves a locker's second waiter after the waiters other lockers queued before its first was done", async () => {
+      // Arrivals W1 (locker A), W2 (locker A), W3 (locker C). A has one place in
+      // etcd's queue per name: W1 takes it, W2 waits in process and takes a new
+      // place, behind W3's, when W1 is done.
+      const name = prefix("order");
+      const [holder, a, c] = [
+        New({ endpoints: cluster.endpoints }),
+        New({ endpoints: cluster.endpoints }),
+        New({ endpoints: cluster.endpoints }),
+      ];
+      const held = await holder.lock(name);
+      const order: string[] = [];
+      const serve = (who: string, locker: typeof a) =>
+        locker.lock(name, { timeout: 20_000 }).then(async (lease) => {
+          order.push(who);
+          await lease.release();
+        });
+      const waits = [serve("W1", a)];
+      await until(async () => (await count(name)) === 2, 5_000, "W1 to queue");
+      waits.push(serve("W2", a));
+      await sleep(100);
+      assert.equal(await count(name), 2, "W2 took a second place in etcd's queue");
+      waits.push(serve("W3", c));
+      await until(async () => (await count(name)) === 3, 5_000, "W3 to queue");
+      await held.release();
+      await Promise.all(waits);
+      assert.deepEqual(order, ["W1", "W3", "W2"]);
+      await Promise.all([holder.close(), a.close(), c.close()]);
+    });
+  });
 });
