@@ -79,7 +79,7 @@ import {
 } from "../_options.ts";
 import { LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
-import { endStream, type Watch, WatchHub } from "./_etcd_watch.ts";
+import { endStream, type Watch, WatchCanceledError, WatchHub } from "./_etcd_watch.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
 
@@ -273,6 +273,7 @@ class Session {
   readonly #controller = new AbortController();
   readonly #clock: LeaseClock;
   #closed = false;
+  #renewing = true;
   /** Keys whose fenced delete failed; retried before each keepalive. */
   readonly #orphans = new Map<string, string>();
 
@@ -324,6 +325,7 @@ class Session {
    * grant that may have come long before, while waiting.
    */
   async stopRenewing(refresh: boolean): Promise<void> {
+    this.#renewing = false;
     this.#clock.stopRenewing();
     if (refresh) await this.#clock.renewNow();
   }
@@ -339,6 +341,16 @@ class Session {
    */
   lost(detail: string): void {
     this.#clock.lose(detail);
+  }
+
+  /**
+   * Asks etcd now whether the lease still lives (one keepalive), because a
+   * key on it was deleted behind our back: if etcd no longer knows it, every
+   * holder and waiter on it hears so at once, not at the next renewal. Only
+   * while renewing: a lease that runs out by itself must not be extended.
+   */
+  verify(): void {
+    if (this.#renewing && !this.#clock.ended) void this.#clock.renewNow();
   }
 
   /** Aborts `signal` if the deadline has passed; whether it is aborted. */
@@ -604,7 +616,10 @@ class Acquisition {
       } catch (error) {
         if (!(this.#calls.error(error, "") instanceof LockConnectionError)) throw error;
         if (this.#session.signal.aborted) {
-          throw new LockLostError(this.#name, "the session lease expired while waiting");
+          throw new LockLostError(
+            this.#name,
+            `the session lease ended while waiting: ${this.#session.signal.reason}`,
+          );
         }
         await delay(Math.min(1_000, 50 * 2 ** attempt), signal);
       }
@@ -622,7 +637,12 @@ class Acquisition {
   async #waitDelete(kv: IKeyValue, signal: AbortSignal): Promise<void> {
     const stop = new AbortController();
     const onLost = () =>
-      stop.abort(new LockLostError(this.#name, "the session lease expired while waiting"));
+      stop.abort(
+        new LockLostError(
+          this.#name,
+          `the session lease ended while waiting: ${this.#session.signal.reason}`,
+        ),
+      );
     const onAbort = () => stop.abort(signal.reason);
     this.#session.signal.addEventListener("abort", onLost, { once: true });
     signal.addEventListener("abort", onAbort, { once: true });
@@ -707,8 +727,12 @@ class Acquisition {
       const w = this.#hub.watch(key, from, {
         onEvents: (events) => {
           for (const event of events) {
-            if (event.type === "Delete") lose(new LockLostError(this.#name, "its key was deleted"));
-            else if (event.kv.create_revision !== revision) {
+            if (event.type === "Delete") {
+              lose(new LockLostError(this.#name, "its key was deleted"));
+              // Perhaps with its whole lease (revoked): the other keys on it
+              // learn of it now rather than at the next keepalive.
+              this.#session.verify();
+            } else if (event.kv.create_revision !== revision) {
               lose(new LockLostError(this.#name, "its key was replaced"));
             }
           }
@@ -716,8 +740,9 @@ class Acquisition {
         onError: () => resync(),
       });
       watch = w;
-      w.created.catch(() => {
-        if (watch === w) resync();
+      w.created.catch((error) => {
+        // Refused by etcd; a hub closed under a held lock has nothing to redo.
+        if (watch === w && error instanceof WatchCanceledError) resync();
       });
     };
     const resync = () => {

@@ -8,7 +8,7 @@ import { inspect } from "node:util";
 import { Etcd3 } from "etcd3";
 import { type Locker, LockLostError, New } from "../mod.ts";
 import { EtcdCluster } from "./_servers.ts";
-import { prefix, sleep, until } from "./_util.ts";
+import { prefix, sleep, until, within } from "./_util.ts";
 
 let cluster: EtcdCluster;
 let probe: Etcd3;
@@ -128,5 +128,26 @@ describe("etcd: a session lease revoked by someone else", () => {
     assert.ok(other, "tryLock() after the revoke was refused");
     await locker.close();
     assert.deepEqual(await queue(name), []);
+  });
+
+  it("rejects at once a waiter queued in etcd on the revoked lease, and lets it queue again on a fresh one", async () => {
+    const [a, b] = [prefix("revoked-held"), prefix("revoked-waited")];
+    const locker = New({ endpoints: cluster.endpoints, ttl: 30_000 });
+    const other = New({ endpoints: cluster.endpoints });
+    const held = await locker.lock(a);
+    const heldB = await other.lock(b);
+    const waiting = locker.lock(b, { timeout: 20_000 });
+    await until(async () => (await queue(b)).length === 2, 5_000, "the waiter to queue");
+    const [key] = await queue(a);
+    cluster.etcdctl(["lease", "revoke", key.slice(a.length + 1)]);
+    const error = await within(waiting.catch((e) => e), 3_000, "still waiting");
+    assert.ok(error instanceof LockLostError, `the waiter was not told: ${inspect(error)}`);
+    assert.match(error.message, /the session lease ended while waiting: /);
+    assert.ok(held.signal.aborted);
+    const again = locker.lock(b, { timeout: 10_000 });
+    await until(async () => (await queue(b)).length === 2, 5_000, "the waiter to queue again");
+    await heldB.release();
+    await (await again).release();
+    await Promise.all([locker.close(), other.close()]);
   });
 });
