@@ -8,6 +8,7 @@ import { inspect } from "node:util";
 import { Etcd3 } from "etcd3";
 import { type Locker, LockLostError, New } from "../mod.ts";
 import { EtcdCluster } from "./_servers.ts";
+import { TcpProxy } from "./_proxy.ts";
 import { prefix, sleep, until, within } from "./_util.ts";
 
 let cluster: EtcdCluster;
@@ -96,6 +97,34 @@ describe("etcd: watches across a restart of etcd", () => {
       `hand-offs after a restart took ${times.map((t) => t.toFixed(0)).join(", ")} ms`,
     );
     await Promise.all([holder.close(), waiter.close()]);
+  });
+});
+
+describe("etcd: a watch resumed after a cut connection", () => {
+  before(async () => {
+    cluster = await EtcdCluster.start();
+    probe = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
+  });
+  after(async () => {
+    probe.close();
+    await cluster.stop();
+  });
+
+  it("sees the delete of the holder's key that happened while its stream was down", async () => {
+    await using proxy = await TcpProxy.start(cluster.endpoints[0]);
+    const name = prefix("cut");
+    const locker = New({ endpoints: [proxy.endpoint] });
+    const held = await locker.lock(name);
+    const [key] = await queue(name);
+    proxy.hold(); // the delete event is never forwarded on this stream
+    cluster.etcdctl(["del", key]);
+    await sleep(200);
+    proxy.cut();
+    proxy.release();
+    await until(() => held.signal.aborted, 5_000, "the holder's signal to abort");
+    assert.ok(held.signal.reason instanceof LockLostError, inspect(held.signal.reason));
+    assert.match(held.signal.reason.message, /its key was deleted/);
+    await locker.close();
   });
 });
 
