@@ -86,6 +86,9 @@ const RECONNECT_MIN = 50;
 /** ...up to this: a restart costs a waiter at most about this much extra. */
 const RECONNECT_MAX = 1_000;
 
+/** How long close() waits for a stream still opening. */
+const CLOSE_WAIT = 1_000;
+
 /** The watch stream of one locker. */
 export class WatchHub {
   readonly #client: Etcd3;
@@ -256,7 +259,16 @@ export class WatchHub {
       entry.reject(error);
     }
     this.#watches.clear();
-    // A stream still opening is ended as it arrives.
-    await this.#opening;
+    // A stream still opening is ended as it arrives; close() waits for that
+    // only a little (opening can hang on a token exchange with an etcd that
+    // does not answer).
+    const opening = this.#opening;
+    if (opening === undefined) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      opening,
+      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WAIT)),
+    ]);
+    clearTimeout(timer);
   }
 }
