@@ -78,14 +78,19 @@ describe("etcd: watches across a restart of etcd", () => {
     const name = prefix("handoff-restart");
     const options = { endpoints: cluster.endpoints, retryInterval: 4_000 };
     const [holder, waiter] = [New(options), New(options)];
+    const poll = 4_000;
     const times: number[] = [];
-    // Three rounds: a poll at 4 s would pass one round by luck a quarter of the time.
-    for (let round = 0; round < 3; round++) {
+    for (let round = 0; round < 2; round++) {
       const held = await holder.lock(name);
       const waiting = waiter.lock(name, { timeout: 60_000 });
       await until(async () => (await queue(name)).length === 2, 5_000, "the waiter to queue");
+      // The waiter's fallback polls come every 4 s from about now.
+      const queued = performance.now();
       await restartEtcd(holder);
-      await sleep(1_500); // time enough for the waiter to watch again
+      // Release just after a poll, at least a second after the restart (time
+      // enough to watch again): a waiter that polls then waits ~3.7 s more.
+      const earliest = performance.now() + 1_000 - queued;
+      await sleep(Math.ceil(earliest / poll) * poll + 300 - (performance.now() - queued));
       const released = performance.now();
       await held.release();
       const lease = await waiting;
