@@ -3,9 +3,14 @@
 // the last watch is cancelled (so every held lock would open a new gRPC
 // stream), re-arms reconnect timers after close(), and can leave a stream
 // running past client.close(). Here the stream opens on first use, stays open
-// while the locker lives, and is cancelled by close(); a broken stream fails
-// its watches, and their owners start new ones (from a known revision, so no
-// event is lost).
+// while the locker lives, and is cancelled by close().
+//
+// A broken stream (etcd restarted, a connection cut) is reopened with a short
+// backoff, and every watch is created on it again from the revision after the
+// last one it delivered, so no event is lost and its owner notices nothing.
+// etcd numbers watches per stream, from 0 on each new one: a watch is known by
+// its own object, and its ID counts only on the stream that gave it, so a
+// watch cancelled late can never cancel another that reused its number.
 
 import type { Buffer } from "node:buffer";
 import type { Etcd3, IDuplexStream, IEvent, IWatchRequest, IWatchResponse } from "etcd3";
@@ -27,22 +32,22 @@ export function endStream(stream: { end(): void; cancel(): void } | undefined): 
 export interface WatchHandlers {
   /** The events of one response, in revision order. */
   onEvents(events: IEvent[]): void;
-  /** The watch ended without being cancelled: the stream broke, or etcd cancelled it. */
+  /**
+   * etcd cancelled the watch after creating it (its history was compacted):
+   * no more events come. A broken stream is not reported: the watch resumes.
+   */
   onError(error: Error): void;
 }
 
-/** An open watch. */
+/** A watch: created on the server soon, resumed after every stream break. */
 export interface Watch {
-  /** The revision the watch was created at (events come after it). */
-  readonly revision: string;
+  /**
+   * Resolves the revision etcd created the watch at (events come after it),
+   * the first time it is created; rejects if etcd refused it or the hub closed.
+   */
+  readonly created: Promise<string>;
   /** Stops the watch. Idempotent; never throws. */
   cancel(): void;
-}
-
-interface Pending {
-  handlers: WatchHandlers;
-  resolve(watch: Watch): void;
-  reject(error: Error): void;
 }
 
 /** Why etcd refused or ended a watch, as an error (`cancel_reason` is etcd's text). */
@@ -53,14 +58,45 @@ export class WatchCanceledError extends Error {
   }
 }
 
+/** One watch, for as long as its owner wants it, across streams. */
+interface Entry {
+  readonly key: Buffer;
+  readonly handlers: WatchHandlers;
+  /** Where a (re)creation starts: undefined until first created if asked "from now". */
+  next?: string;
+  /** Its ID on the current stream, once that stream created it. */
+  id?: string;
+  cancelled: boolean;
+  /** Whether etcd created it once (its owner was told, through `created`). */
+  made: boolean;
+  resolve(revision: string): void;
+  reject(error: Error): void;
+}
+
+/** What one stream knows: its creates awaiting an answer, and its watches by ID. */
+interface Line {
+  readonly stream: Stream;
+  /** Creates sent on this stream and not yet answered; etcd answers them in order. */
+  readonly pending: Entry[];
+  readonly byId: Map<string, Entry>;
+}
+
+/** The first reconnect comes this soon after a break, then twice as late each time. */
+const RECONNECT_MIN = 50;
+/** ...up to this: a restart costs a waiter at most about this much extra. */
+const RECONNECT_MAX = 1_000;
+
+/** How long close() waits for a stream still opening. */
+const CLOSE_WAIT = 1_000;
+
 /** The watch stream of one locker. */
 export class WatchHub {
   readonly #client: Etcd3;
-  #stream?: Promise<Stream>;
-  #current?: Stream;
-  /** Creates sent and not yet answered; etcd answers them in order. */
-  #pending: Pending[] = [];
-  readonly #active = new Map<string, WatchHandlers>();
+  readonly #watches = new Set<Entry>();
+  #line?: Line;
+  #opening?: Promise<void>;
+  #attempt = 0;
+  #timer?: ReturnType<typeof setTimeout>;
   #closed = false;
 
   constructor(client: Etcd3) {
@@ -68,91 +104,171 @@ export class WatchHub {
   }
 
   /**
-   * Watches `key` from `startRevision` (exclusive of earlier history), or
-   * from now. Resolves once etcd has created the watch.
+   * Watches `key` from `startRevision` (inclusive), or from now, until
+   * cancelled. The watch survives stream breaks; see {@linkcode Watch.created}.
    */
-  async watch(
-    key: Buffer,
-    startRevision: string | undefined,
-    handlers: WatchHandlers,
-  ): Promise<Watch> {
-    if (this.#closed) throw new Error("the watch stream is closed");
-    const stream = await this.#open();
-    return new Promise<Watch>((resolve, reject) => {
-      this.#pending.push({ handlers, resolve, reject });
-      stream.write({
-        create_request: startRevision === undefined
-          ? { key }
-          : { key, start_revision: startRevision },
-      });
+  watch(key: Buffer, startRevision: string | undefined, handlers: WatchHandlers): Watch {
+    let resolve!: (revision: string) => void;
+    let reject!: (error: Error) => void;
+    const created = new Promise<string>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    created.catch(() => {}); // an owner that gave up need not listen
+    const entry: Entry = {
+      key,
+      handlers,
+      next: startRevision,
+      cancelled: false,
+      made: false,
+      resolve,
+      reject,
+    };
+    if (this.#closed) {
+      reject(new Error("the watch stream is closed"));
+      return { created, cancel: () => {} };
+    }
+    this.#watches.add(entry);
+    if (this.#line) this.#create(this.#line, entry);
+    else this.#connect();
+    return { created, cancel: () => this.#cancel(entry) };
+  }
+
+  #create(line: Line, entry: Entry) {
+    line.pending.push(entry);
+    this.#write(line, {
+      create_request: entry.next === undefined
+        ? { key: entry.key }
+        : { key: entry.key, start_revision: entry.next },
     });
   }
 
-  #open(): Promise<Stream> {
-    return this.#stream ??= this.#client.watchClient.watch().then((stream) => {
-      this.#current = stream;
-      stream.on("data", (response) => this.#receive(stream, response));
-      stream.on("error", (error) => this.#broken(stream, error));
-      stream.on("end", () => this.#broken(stream, new Error("the watch stream ended")));
-      if (this.#closed) endStream(stream);
-      return stream;
-    }, (error) => {
-      this.#stream = undefined;
-      throw error;
+  #cancel(entry: Entry) {
+    if (entry.cancelled) return;
+    entry.cancelled = true;
+    this.#watches.delete(entry);
+    const line = this.#line;
+    // Only the stream that gave this ID may take it back: a later stream may
+    // have given the same number to another watch.
+    if (line === undefined || entry.id === undefined || line.byId.get(entry.id) !== entry) return;
+    line.byId.delete(entry.id);
+    this.#write(line, { cancel_request: { watch_id: entry.id } });
+  }
+
+  #write(line: Line, request: IWatchRequest) {
+    try {
+      line.stream.write(request);
+    } catch {
+      this.#broken(line);
+    }
+  }
+
+  /** Opens a stream and creates every live watch on it. */
+  #connect() {
+    if (this.#closed || this.#line || this.#opening || this.#timer !== undefined) return;
+    if (this.#watches.size === 0) return;
+    this.#opening = this.#client.watchClient.watch().then((stream) => {
+      this.#opening = undefined;
+      if (this.#closed) return endStream(stream);
+      const line: Line = { stream, pending: [], byId: new Map() };
+      this.#line = line;
+      stream.on("data", (response) => this.#receive(line, response));
+      stream.on("error", () => this.#broken(line));
+      stream.on("end", () => this.#broken(line));
+      for (const entry of this.#watches) this.#create(line, entry);
+    }, () => {
+      this.#opening = undefined;
+      this.#retry();
     });
   }
 
-  #receive(stream: Stream, response: IWatchResponse) {
+  #retry() {
+    if (this.#closed || this.#watches.size === 0) return;
+    const wait = Math.min(RECONNECT_MAX, RECONNECT_MIN * 2 ** this.#attempt++);
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#connect();
+    }, wait);
+  }
+
+  #receive(line: Line, response: IWatchResponse) {
+    if (line !== this.#line) return;
     if (response.created) {
-      const pending = this.#pending.shift();
-      if (pending === undefined) return;
+      const entry = line.pending.shift();
+      if (entry === undefined) return;
+      this.#attempt = 0; // the stream works
       if (response.canceled) {
-        pending.reject(new WatchCanceledError(response.cancel_reason));
+        this.#watches.delete(entry);
+        entry.cancelled = true;
+        const error = new WatchCanceledError(response.cancel_reason);
+        // Refused at once: the owner learns it from `created`; refused on a
+        // resume (its history compacted meanwhile): from onError.
+        if (entry.made) entry.handlers.onError(error);
+        else entry.reject(error);
         return;
       }
       const id = response.watch_id;
-      this.#active.set(id, pending.handlers);
-      pending.resolve({
-        revision: response.header.revision,
-        cancel: () => {
-          if (!this.#active.delete(id) || this.#closed) return;
-          try {
-            stream.write({ cancel_request: { watch_id: id } });
-          } catch {
-            // The stream is gone, and the watch with it.
-          }
-        },
-      });
+      if (entry.cancelled) {
+        this.#write(line, { cancel_request: { watch_id: id } });
+        return;
+      }
+      entry.id = id;
+      entry.made = true;
+      line.byId.set(id, entry);
+      entry.next ??= String(BigInt(response.header.revision) + 1n);
+      entry.resolve(response.header.revision);
       return;
     }
-    const handlers = this.#active.get(response.watch_id);
-    if (handlers === undefined) return;
+    const entry = line.byId.get(response.watch_id);
+    if (entry === undefined) return;
     if (response.canceled) {
-      this.#active.delete(response.watch_id);
-      handlers.onError(new WatchCanceledError(response.cancel_reason));
+      line.byId.delete(response.watch_id);
+      this.#watches.delete(entry);
+      entry.cancelled = true;
+      entry.handlers.onError(new WatchCanceledError(response.cancel_reason));
       return;
     }
-    if (response.events.length > 0) handlers.onEvents(response.events);
+    const events = response.events;
+    if (events.length === 0) return;
+    // A resumed watch starts after the last event it delivered.
+    const last = BigInt(events[events.length - 1].kv.mod_revision) + 1n;
+    if (last > BigInt(entry.next!)) entry.next = String(last);
+    entry.handlers.onEvents(events);
   }
 
-  #broken(stream: Stream, error: Error) {
-    if (stream !== this.#current) return;
-    this.#current = undefined;
-    this.#stream = undefined;
-    endStream(stream);
-    const pending = this.#pending;
-    const active = [...this.#active.values()];
-    this.#pending = [];
-    this.#active.clear();
-    for (const p of pending) p.reject(error);
-    for (const handlers of active) handlers.onError(error);
+  #broken(line: Line) {
+    if (line !== this.#line) return;
+    this.#line = undefined;
+    endStream(line.stream);
+    for (const entry of this.#watches) entry.id = undefined;
+    this.#retry();
   }
 
-  /** Cancels the stream and every watch on it. */
+  /** Cancels the stream; every watch not yet created rejects. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    const stream = await this.#stream?.catch(() => undefined);
-    if (stream) this.#broken(stream, new Error("the watch stream was closed"));
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const line = this.#line;
+    this.#line = undefined;
+    if (line) endStream(line.stream);
+    const error = new Error("the watch stream was closed");
+    for (const entry of this.#watches) {
+      entry.cancelled = true;
+      entry.reject(error);
+    }
+    this.#watches.clear();
+    // A stream still opening is ended as it arrives; close() waits for that
+    // only a little (opening can hang on a token exchange with an etcd that
+    // does not answer).
+    const opening = this.#opening;
+    if (opening === undefined) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      opening,
+      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WAIT)),
+    ]);
+    clearTimeout(timer);
   }
 }

@@ -3,9 +3,17 @@
  * wire-compatible with Go's `client/v3/concurrency.Mutex`, so TypeScript
  * services, Go services and `etcdctl lock NAME` exclude each other.
  *
+ * The FIFO is etcd's queue of keys, one per locker and name: a locker's
+ * first waiting call for a name holds its place there, and its later calls
+ * queue in process and take a new place, at the back, when the one before
+ * them is done. Calls on one locker are served in arrival order; across
+ * lockers, arrivals W1 (locker A), W2 (locker A), W3 (locker C) are served
+ * W1, W3, W2.
+ *
  * The protocol is Go's: the lock key is `NAME + "/"` plus the session lease ID
  * in lowercase hex, attached to that lease; the holder is the key with the
- * lowest create revision; a waiter watches only the deletion of the key just
+ * lowest create revision among such keys (`NAME/a/<lease>` belongs to the lock
+ * `NAME/a`, not to `NAME`); a waiter watches only the deletion of the key just
  * before its own, then re-reads its own key (the fix for etcd-io/etcd#11456)
  * before it counts as the holder. The fencing token is the key's create
  * revision, and release deletes the key only if that revision is still ours.
@@ -36,6 +44,7 @@ import {
   Etcd3,
   EtcdAuthenticationFailedError,
   EtcdInvalidAuthTokenError,
+  EtcdLeaseInvalidError,
   EtcdPermissionDeniedError,
   GRPCDeadlineExceededError,
   GRPCUnauthenticatedError,
@@ -71,7 +80,7 @@ import {
 } from "../_options.ts";
 import { LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
-import { endStream, type Watch, WatchHub } from "./_etcd_watch.ts";
+import { endStream, type Watch, WatchCanceledError, WatchHub } from "./_etcd_watch.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
 
@@ -160,16 +169,23 @@ function translate(error: unknown, action: string, username: string, password: s
   return new LockError(`${action}: ${cause.message}`, { cause });
 }
 
-/** The end of the key range that holds every key starting with `prefix`. */
-function prefixEnd(prefix: Buffer): Buffer {
-  const end = Buffer.from(prefix);
-  for (let i = end.length - 1; i >= 0; i--) {
-    if (end[i] < 0xff) {
-      end[i]++;
-      return end.subarray(0, i + 1);
-    }
+/** The longest lease ID in hex: etcd's IDs are positive 64-bit integers. */
+const MAX_HEX = 16;
+
+/**
+ * Whether `key` is a queue entry of the lock whose keys start with `prefix`
+ * (`NAME/`): the prefix and then a lease ID in lowercase hex, as Go's Mutex
+ * writes it, and nothing else. `NAME/a/<lease>` is an entry of the lock
+ * `NAME/a`, not of `NAME`, though it shares the prefix.
+ */
+function isEntry(key: Buffer, prefix: Buffer): boolean {
+  const length = key.length - prefix.length;
+  if (length < 1 || length > MAX_HEX) return false;
+  for (let i = prefix.length; i < key.length; i++) {
+    const c = key[i];
+    if (!((c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x66))) return false; // 0-9, a-f
   }
-  return Buffer.from([0]);
+  return key.subarray(0, prefix.length).equals(prefix);
 }
 
 /** The client calls the protocol makes, each with the connection's deadline. */
@@ -258,6 +274,7 @@ class Session {
   readonly #controller = new AbortController();
   readonly #clock: LeaseClock;
   #closed = false;
+  #renewing = true;
   /** Keys whose fenced delete failed; retried before each keepalive. */
   readonly #orphans = new Map<string, string>();
 
@@ -309,6 +326,7 @@ class Session {
    * grant that may have come long before, while waiting.
    */
   async stopRenewing(refresh: boolean): Promise<void> {
+    this.#renewing = false;
     this.#clock.stopRenewing();
     if (refresh) await this.#clock.renewNow();
   }
@@ -316,6 +334,24 @@ class Session {
   /** Remembers a key whose delete failed, to retry until the lease ends. */
   orphan(key: string, createRevision: string) {
     this.#orphans.set(key, createRevision);
+  }
+
+  /**
+   * The server said the lease is gone (revoked by someone else, say): lose
+   * it now, so its holders hear of it and the next call grants a new one.
+   */
+  lost(detail: string): void {
+    this.#clock.lose(detail);
+  }
+
+  /**
+   * Asks etcd now whether the lease still lives (one keepalive), because a
+   * key on it was deleted behind our back: if etcd no longer knows it, every
+   * holder and waiter on it hears so at once, not at the next renewal. Only
+   * while renewing: a lease that runs out by itself must not be extended.
+   */
+  verify(): void {
+    if (this.#renewing && !this.#clock.ended) void this.#clock.renewNow();
   }
 
   /** Aborts `signal` if the deadline has passed; whether it is aborted. */
@@ -377,8 +413,8 @@ async function fencedDelete(calls: Calls, key: string, revision: string): Promis
 interface Attempt {
   /** Our key's create revision. */
   revision: string;
-  /** Whether our key has the lowest create revision under the prefix. */
-  owner: boolean;
+  /** The oldest key in the owner range, which may be another lock's. */
+  first: IKeyValue | undefined;
   header: IResponseHeader;
 }
 
@@ -402,14 +438,62 @@ class Acquisition {
     this.#retryInterval = retryInterval;
   }
 
+  /**
+   * The keys that may be queue entries, the oldest first: `NAME/0` up to
+   * `NAME/g`, where every lease ID in hex lies. Longer names that share the
+   * prefix and start with another character fall outside; the rest are
+   * skipped when read.
+   */
   get #ownerRange(): IRangeRequest {
     return {
-      key: this.#prefix,
-      range_end: prefixEnd(this.#prefix),
+      key: Buffer.concat([this.#prefix, Buffer.from("0")]),
+      range_end: Buffer.concat([this.#prefix, Buffer.from("g")]),
       sort_target: "Create",
       sort_order: "Ascend",
       limit: 1,
     };
+  }
+
+  /**
+   * `first`, the oldest (or newest) key a transaction read from the owner
+   * range with limit 1, if it is a queue entry. If it is another lock's key,
+   * the range is read again, in pages and in create-revision `order`, for the
+   * first queue entry created at or before revision `bound`. Undefined if
+   * there is none.
+   */
+  async #entry(
+    first: IKeyValue | undefined,
+    order: "Ascend" | "Descend",
+    bound: string,
+  ): Promise<IKeyValue | undefined> {
+    if (first === undefined || isEntry(first.key, this.#prefix)) return first;
+    const seen = new Set<string>();
+    let limit = 64;
+    let from: string | undefined;
+    for (;;) {
+      const response = await this.#calls.range({
+        ...this.#ownerRange,
+        sort_order: order,
+        limit,
+        keys_only: true,
+        max_create_revision: order === "Descend" && from !== undefined ? from : bound,
+        ...(order === "Ascend" && from !== undefined ? { min_create_revision: from } : {}),
+      });
+      let fresh = 0;
+      for (const kv of response.kvs) {
+        const id = kv.key.toString("hex");
+        if (seen.has(id)) continue;
+        seen.add(id);
+        fresh++;
+        if (isEntry(kv.key, this.#prefix)) return kv;
+      }
+      if (!response.more) return undefined;
+      // Keys one transaction made share a create revision: the next page
+      // starts at the last one's (the bounds are inclusive), and is longer
+      // if the whole page shared it.
+      from = response.kvs[response.kvs.length - 1].create_revision;
+      if (fresh === 0) limit *= 2;
+    }
   }
 
   /**
@@ -429,12 +513,11 @@ class Acquisition {
         ],
         failure: [{ request_range: { key } }, { request_range: this.#ownerRange }],
       });
-      const owner = response.responses[1].response_range.kvs[0];
       if (response.succeeded) {
         const revision = response.header.revision;
         return {
           revision,
-          owner: owner === undefined || owner.create_revision === revision,
+          first: response.responses[1].response_range.kvs[0],
           header: response.header,
         };
       }
@@ -456,7 +539,10 @@ class Acquisition {
     const attempt = await this.#put();
     try {
       if (signal.aborted) throw signal.reason;
-      if (attempt.owner) return { revision: attempt.revision, header: attempt.header };
+      const owner = await this.#entry(attempt.first, "Ascend", attempt.revision);
+      if (owner === undefined || owner.create_revision === attempt.revision) {
+        return { revision: attempt.revision, header: attempt.header };
+      }
       if (!wait) {
         await this.#delete(attempt.revision);
         return undefined;
@@ -488,20 +574,21 @@ class Acquisition {
     const ours = Buffer.from(this.#key);
     for (;;) {
       // The predecessor and our own key, read at one revision.
-      const response = await this.#calls.txn({
-        compare: [],
-        success: [
-          {
-            request_range: {
-              ...this.#ownerRange,
-              sort_order: "Descend",
-              max_create_revision: before,
+      const response = await this.#whileWaiting(signal, () =>
+        this.#calls.txn({
+          compare: [],
+          success: [
+            {
+              request_range: {
+                ...this.#ownerRange,
+                sort_order: "Descend",
+                max_create_revision: before,
+              },
             },
-          },
-          { request_range: { key: ours } },
-        ],
-        failure: [],
-      });
+            { request_range: { key: ours } },
+          ],
+          failure: [],
+        }));
       const mine = response.responses[1].response_range.kvs[0];
       if (mine === undefined || mine.create_revision !== revision) {
         throw new LockLostError(
@@ -509,9 +596,34 @@ class Acquisition {
           "its queued key was deleted, or its session expired, while it waited",
         );
       }
-      const predecessor = response.responses[0].response_range.kvs[0];
+      const predecessor = await this.#whileWaiting(
+        signal,
+        () => this.#entry(response.responses[0].response_range.kvs[0], "Descend", before),
+      );
       if (predecessor === undefined) return response.header;
       await this.#waitDelete(predecessor, signal);
+    }
+  }
+
+  /**
+   * A read made while waiting, tried again while etcd is unreachable (a
+   * restart, a cut connection): the wait is bounded by the caller's signal
+   * and the session, not by one failed round trip.
+   */
+  async #whileWaiting<T>(signal: AbortSignal, read: () => Promise<T>): Promise<T> {
+    for (let attempt = 0;; attempt++) {
+      try {
+        return await read();
+      } catch (error) {
+        if (!(this.#calls.error(error, "") instanceof LockConnectionError)) throw error;
+        if (this.#session.signal.aborted) {
+          throw new LockLostError(
+            this.#name,
+            `the session lease ended while waiting: ${this.#session.signal.reason}`,
+          );
+        }
+        await delay(Math.min(1_000, 50 * 2 ** attempt), signal);
+      }
     }
   }
 
@@ -519,13 +631,19 @@ class Acquisition {
    * Waits for `kv` to be deleted. The watch starts at the current revision
    * (a watch from an older one is "unsynced" and etcd 3.4 delivers its events
    * only on a later catch-up pass, ~80 ms); a read after the watch is in
-   * place catches a delete that came before it. Polling at `retryInterval`
-   * covers a lost event.
+   * place catches a delete that came before it. The hub resumes the watch
+   * after a stream break without losing an event; if etcd cancels it, a new
+   * one is made the same way. Polling at `retryInterval` covers a lost event.
    */
   async #waitDelete(kv: IKeyValue, signal: AbortSignal): Promise<void> {
     const stop = new AbortController();
     const onLost = () =>
-      stop.abort(new LockLostError(this.#name, "the session lease expired while waiting"));
+      stop.abort(
+        new LockLostError(
+          this.#name,
+          `the session lease ended while waiting: ${this.#session.signal.reason}`,
+        ),
+      );
     const onAbort = () => stop.abort(signal.reason);
     this.#session.signal.addEventListener("abort", onLost, { once: true });
     signal.addEventListener("abort", onAbort, { once: true });
@@ -534,21 +652,27 @@ class Acquisition {
     let watch: Watch | undefined;
     try {
       const gone = new Promise<void>((resolve) => {
-        this.#hub.watch(kv.key, undefined, {
-          onEvents: (events) => {
-            if (
-              events.some((e) => e.type === "Delete" || e.kv.create_revision !== kv.create_revision)
-            ) {
-              resolve();
-            }
-          },
-          onError: () => {}, // the poll below carries on
-        }).then((w) => {
-          if (stop.signal.aborted) return w.cancel();
+        const start = () => {
+          if (stop.signal.aborted) return;
+          const w = this.#hub.watch(kv.key, undefined, {
+            onEvents: (events) => {
+              if (
+                events.some((e) =>
+                  e.type === "Delete" || e.kv.create_revision !== kv.create_revision
+                )
+              ) {
+                resolve();
+              }
+            },
+            onError: start,
+          });
           watch = w;
-          // The watch is in place: a read now sees any delete it missed.
-          this.#stillThere(kv).then((there) => there || resolve(), () => {});
-        }, () => {});
+          w.created.then(() => {
+            // The watch is in place: a read now sees any delete it missed.
+            if (watch === w) this.#stillThere(kv).then((there) => there || resolve(), () => {});
+          }, () => {}); // refused: the poll below carries on
+        };
+        start();
       });
       const polled = (async () => {
         for (;;) {
@@ -598,22 +722,29 @@ class Acquisition {
     this.#session.signal.addEventListener("abort", onSessionLost, { once: true });
     if (this.#session.signal.aborted) onSessionLost();
     // From the revision after the one we last saw our key at, so nothing in
-    // between is missed; after a broken stream, read the key and start again.
+    // between is missed. The hub resumes it after a stream break; if etcd
+    // cancels it or refuses it, read the key and start again.
     const watchFrom = (from: string) => {
-      this.#hub.watch(key, from, {
+      const w = this.#hub.watch(key, from, {
         onEvents: (events) => {
           for (const event of events) {
-            if (event.type === "Delete") lose(new LockLostError(this.#name, "its key was deleted"));
-            else if (event.kv.create_revision !== revision) {
+            if (event.type === "Delete") {
+              lose(new LockLostError(this.#name, "its key was deleted"));
+              // Perhaps with its whole lease (revoked): the other keys on it
+              // learn of it now rather than at the next keepalive.
+              this.#session.verify();
+            } else if (event.kv.create_revision !== revision) {
               lose(new LockLostError(this.#name, "its key was replaced"));
             }
           }
         },
         onError: () => resync(),
-      }).then((w) => {
-        if (ended) return w.cancel();
-        watch = w;
-      }, () => resync());
+      });
+      watch = w;
+      w.created.catch((error) => {
+        // Refused by etcd; a hub closed under a held lock has nothing to redo.
+        if (watch === w && error instanceof WatchCanceledError) resync();
+      });
     };
     const resync = () => {
       watch = undefined;
@@ -704,15 +835,29 @@ class EtcdDriver implements Driver {
         if (!shared) granting.then((late) => late.close(), () => {});
         throw error;
       });
-      const acquisition = new Acquisition(
-        this.#calls,
-        this.#hub,
-        session,
-        key,
-        this.#settings.retryInterval,
-      );
+      let acquisition: Acquisition;
+      let won: Awaited<ReturnType<Acquisition["run"]>>;
       const started = performance.now();
-      const won = await acquisition.run(wait, signal);
+      for (let attempt = 0;; attempt++) {
+        acquisition = new Acquisition(
+          this.#calls,
+          this.#hub,
+          session,
+          key,
+          this.#settings.retryInterval,
+        );
+        try {
+          won = await acquisition.run(wait, signal);
+          break;
+        } catch (error) {
+          // etcd no longer knows the lease (revoked behind our back): that is
+          // the session lost, not this call. Once more on a new session.
+          if (!(error instanceof EtcdLeaseInvalidError) || attempt > 0) throw error;
+          session.lost("the lease was revoked on the server");
+          if (!shared) await session.close();
+          session = await abortable(shared ? this.#sharedSession() : this.#grant(), signal);
+        }
+      }
       if (won === undefined) {
         if (!shared) await session.close();
         return undefined;
