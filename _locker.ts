@@ -87,7 +87,10 @@ export interface Lease extends AsyncDisposable {
 export interface Locker extends AsyncDisposable {
   /**
    * Waits until the lock on `key` is acquired. Waiters are served first come,
-   * first served within this locker (and across processes on etcd).
+   * first served within this locker. On etcd each locker also holds one place
+   * per key in a queue shared with other lockers, processes and Go clients;
+   * its next call for the key takes a new place only when the previous call
+   * is done.
    *
    * @param key The lock's name: a non-empty, well-formed string of at most 1024 UTF-8 bytes.
    * @param options A signal and/or timeout to give up.

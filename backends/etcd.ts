@@ -898,23 +898,18 @@ class EtcdDriver implements Driver {
   }
 }
 
-/** A queue entry of the lock `name`: `NAME/` and a lease ID in lowercase hex, nothing more. */
-function isQueueKey(name: string, key: string): boolean {
-  return key.length > name.length + 1 && key.startsWith(`${name}/`) &&
-    /^[0-9a-f]{1,16}$/.test(key.slice(name.length + 1));
-}
-
 /** Who holds the lock `name` (the oldest queue key), its lease's time left, and the queue. */
 async function readStatus(calls: Calls, name: string): Promise<LockStatus> {
   try {
     const prefix = Buffer.from(`${name}/`);
+    // Every queue entry lies in NAME/0 .. NAME/g (see Acquisition's owner range).
     const response = await calls.range({
-      key: prefix,
-      range_end: prefixEnd(prefix),
+      key: Buffer.concat([prefix, Buffer.from("0")]),
+      range_end: Buffer.concat([prefix, Buffer.from("g")]),
       sort_target: "Create",
       sort_order: "Ascend",
     });
-    const entries = response.kvs.filter((kv) => isQueueKey(name, kv.key.toString()));
+    const entries = response.kvs.filter((kv) => isEntry(kv.key, prefix));
     const [owner, ...queue] = entries;
     if (owner === undefined) return { key: name, waiting: 0, queue: [] };
     let ttl: number | undefined;
