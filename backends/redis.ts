@@ -177,6 +177,20 @@ function kindOf(text: string): Kind {
   return "other";
 }
 
+/**
+ * Replies that mean "not now": a server loading its data, busy with a
+ * script, or a cluster between masters.
+ */
+const NOT_NOW = /^(LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN)\b/;
+
+/** Whether a failed attempt may succeed later without anything changing on our side. */
+function transient(error: unknown): boolean {
+  if (error instanceof LockConnectionError) return true;
+  if (error instanceof LockAuthError || error instanceof LockPermissionError) return false;
+  const cause = (error as Error)?.cause;
+  return NOT_NOW.test(String((cause as Error)?.message ?? ""));
+}
+
 /** A typed error of `kind` with `message`. */
 function errorOf(kind: Kind, message: string, options: ErrorOptions): LockError {
   if (kind === "auth") return new LockAuthError(message, options);
@@ -391,7 +405,17 @@ class RedisDriver implements Driver {
     try {
       for (;;) {
         const woke = new Promise<void>((resolve) => woken = resolve);
-        const attempt = await this.#attempt(keys, token, signal, action);
+        let attempt: { grant?: Grant; pttl: number };
+        try {
+          attempt = await this.#attempt(keys, token, signal, action);
+        } catch (error) {
+          // A waiter outlives a transient loss of connection (a restart, a
+          // failover): only its own signal, or what no retry cures (auth,
+          // permission), ends it. The first connect already proved the server.
+          if (!wait || !transient(error)) throw error;
+          await this.#sleep(this.#settings.retryInterval, woke, signal);
+          continue;
+        }
         if (attempt.grant) return attempt.grant;
         if (!wait) return undefined;
         if (unsubscribe.length === 0) {
