@@ -225,13 +225,49 @@ type Listener = () => void;
 /** How long a channel stays subscribed after its last waiter left. */
 const SUBSCRIPTION_LINGER = 1_000;
 
-/** One subscriber connection's channels, shared by every waiter on one instance. */
+/**
+ * Options of a subscriber connection, whatever the client it is made from
+ * says: no offline queue (SUBSCRIBE goes out only on a ready connection, so
+ * nothing piles up while Redis is away), no resubscription or re-sending by
+ * ioredis (`Subscriptions` does it, from what the server confirmed), an
+ * in-flight SUBSCRIBE rejected when its connection drops, and reconnection
+ * for as long as the subscriber lives.
+ */
+const SUBSCRIBER: RedisOptions = {
+  lazyConnect: false,
+  enableOfflineQueue: false,
+  autoResubscribe: false,
+  autoResendUnfulfilledCommands: false,
+  maxRetriesPerRequest: 0,
+  retryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
+};
+
+/** A deferred: a promise and the function that resolves it. */
+interface Pending {
+  promise: Promise<void>;
+  resolve(): void;
+}
+
+/**
+ * One subscriber connection's channels, shared by every waiter on one
+ * instance. A channel counts as subscribed only once the server confirmed it
+ * on the current connection; every reconnect subscribes every wanted channel
+ * again and then wakes its waiters, since a release may have gone unheard.
+ */
 class Subscriptions {
   readonly #make: () => Redis;
   #subscriber?: Redis;
   readonly #listeners = new Map<string, Set<Listener>>();
   /** Channels nobody listens to any more, unsubscribed after a moment unless wanted again. */
   readonly #idle = new Map<string, ReturnType<typeof setTimeout>>();
+  /** Channels the server confirmed on the current connection. */
+  readonly #confirmed = new Set<string>();
+  /** Channels whose SUBSCRIBE is in flight on the current connection. */
+  readonly #sent = new Set<string>();
+  /** One confirmation to wait for per channel, however many waiters ask. */
+  readonly #pending = new Map<string, Pending>();
+  /** Counts connections, so an answer from an old one is not taken for the current one. */
+  #generation = 0;
 
   constructor(make: () => Redis) {
     this.#make = make;
@@ -241,12 +277,66 @@ class Subscriptions {
     if (this.#subscriber === undefined) {
       const subscriber = this.#make();
       subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
-      subscriber.on("message", (channel: string) => {
-        for (const listener of this.#listeners.get(channel) ?? []) listener();
+      subscriber.on("message", (channel: string) => this.#wake(channel));
+      subscriber.on("ready", () => {
+        for (const channel of this.#wanted()) this.#send(channel, true);
+      });
+      subscriber.on("close", () => {
+        // The server forgets a connection's subscriptions with it.
+        this.#generation++;
+        this.#confirmed.clear();
+        this.#sent.clear();
+        this.#settleAll();
       });
       this.#subscriber = subscriber;
     }
     return this.#subscriber;
+  }
+
+  #wanted(): string[] {
+    return [...this.#listeners.keys(), ...this.#idle.keys()];
+  }
+
+  #wake(channel: string) {
+    for (const listener of this.#listeners.get(channel) ?? []) listener();
+  }
+
+  /**
+   * Sends SUBSCRIBE if the connection is ready and none is in flight; a
+   * connection not ready yet subscribes on its "ready". After a reconnect
+   * (`again`) the confirmation wakes the channel's waiters to try at once.
+   */
+  #send(channel: string, again = false) {
+    const subscriber = this.#connection();
+    if (subscriber.status !== "ready" || this.#sent.has(channel)) return;
+    this.#sent.add(channel);
+    const generation = this.#generation;
+    subscriber.subscribe(channel).then(
+      () => {
+        if (generation !== this.#generation) return;
+        this.#sent.delete(channel);
+        if (!this.#listeners.has(channel) && !this.#idle.has(channel)) return;
+        this.#confirmed.add(channel);
+        this.#settle(channel);
+        if (again) this.#wake(channel);
+      },
+      () => {
+        // Refused (no channel permission, say) or dropped with its
+        // connection: the waiters poll; the next reconnect tries again.
+        if (generation === this.#generation) this.#sent.delete(channel);
+        this.#settle(channel);
+      },
+    );
+  }
+
+  #settle(channel: string) {
+    this.#pending.get(channel)?.resolve();
+    this.#pending.delete(channel);
+  }
+
+  #settleAll() {
+    for (const pending of this.#pending.values()) pending.resolve();
+    this.#pending.clear();
   }
 
   /**
@@ -256,20 +346,26 @@ class Subscriptions {
    */
   add(channel: string, listener: Listener): { remove(): void; ready: Promise<void> } {
     let listeners = this.#listeners.get(channel);
-    let ready = Promise.resolve();
     if (listeners === undefined) {
       listeners = new Set();
       this.#listeners.set(channel, listeners);
-      const idle = this.#idle.get(channel);
-      if (idle !== undefined) {
-        // Still subscribed: under steady contention, no SUBSCRIBE per wait.
-        clearTimeout(idle);
-        this.#idle.delete(channel);
-      } else {
-        ready = this.#connection().subscribe(channel).then(() => {}, () => {});
-      }
+      // Still subscribed: under steady contention, no SUBSCRIBE per wait.
+      clearTimeout(this.#idle.get(channel));
+      this.#idle.delete(channel);
     }
     listeners.add(listener);
+    let ready = Promise.resolve();
+    if (!this.#confirmed.has(channel)) {
+      let pending = this.#pending.get(channel);
+      if (pending === undefined) {
+        let resolve!: () => void;
+        const promise = new Promise<void>((r) => resolve = r);
+        pending = { promise, resolve };
+        this.#pending.set(channel, pending);
+      }
+      ready = pending.promise;
+      this.#send(channel);
+    }
     const remove = () => {
       const set = this.#listeners.get(channel);
       if (set === undefined || !set.delete(listener) || set.size > 0) return;
@@ -278,7 +374,12 @@ class Subscriptions {
         channel,
         setTimeout(() => {
           this.#idle.delete(channel);
-          this.#subscriber?.unsubscribe(channel).catch(() => {});
+          this.#settle(channel);
+          const subscribed = this.#confirmed.delete(channel) || this.#sent.has(channel);
+          const subscriber = this.#subscriber;
+          if (subscribed && subscriber?.status === "ready") {
+            subscriber.unsubscribe(channel).catch(() => {});
+          }
         }, SUBSCRIPTION_LINGER),
       );
     };
@@ -289,6 +390,7 @@ class Subscriptions {
     this.#listeners.clear();
     for (const timer of this.#idle.values()) clearTimeout(timer);
     this.#idle.clear();
+    this.#settleAll();
     const subscriber = this.#subscriber;
     this.#subscriber = undefined;
     if (subscriber) await hangUp(subscriber);
@@ -783,13 +885,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
     return {
       name: endpoint,
       client,
-      subscriptions: new Subscriptions(() =>
-        client.duplicate({
-          enableOfflineQueue: true,
-          lazyConnect: false,
-          maxRetriesPerRequest: null,
-        })
-      ),
+      subscriptions: new Subscriptions(() => client.duplicate(SUBSCRIBER)),
     };
   });
   return new Instances(list, [config.password]);
@@ -860,6 +956,17 @@ export async function openSharedDriver(options: ResolvedOptions, owner: object):
 }
 
 /**
+ * A subscriber connection for a client the caller owns, with options of its
+ * own: a `Redis` made with `enableOfflineQueue: false` (as advised) would
+ * otherwise pass that on, and its SUBSCRIBE would be refused while it
+ * connects. A `Cluster` keeps its own subscriber handling.
+ */
+function subscriberOf(client: Redis): Redis {
+  if ((client as { isCluster?: boolean }).isCluster === true) return client.duplicate();
+  return client.duplicate(SUBSCRIBER);
+}
+
+/**
  * Creates a Redis locker on a client you already own (the Go design's
  * per-backend API): an ioredis `Redis` or `Cluster`, or several independent
  * `Redis` clients for Redlock. The locker never closes your clients; it
@@ -907,7 +1014,7 @@ export function createRedisLocker(
       (list as unknown as Redis[]).map((c, i) => ({
         name: list.length === 1 ? "the given client" : `client ${i + 1}`,
         client: c,
-        subscriptions: new Subscriptions(() => c.duplicate()),
+        subscriptions: new Subscriptions(() => subscriberOf(c)),
       })),
       [],
     );

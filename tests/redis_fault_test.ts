@@ -2,10 +2,13 @@
 // stalled server during close(), and what errors say. Each group starts its
 // own server, since these tests kill connections and restart servers.
 
-import { describe, it } from "./_bdd.ts";
+import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { inspect } from "node:util";
-import { type Locker, LockTimeoutError, New } from "../mod.ts";
+import { Redis } from "ioredis";
+import { type Lease, type Locker, LockTimeoutError, New } from "../mod.ts";
+import { createRedisLocker } from "../backends/redis.ts";
+import { TcpProxy } from "./_proxy.ts";
 import { RedisServer } from "./_servers.ts";
 import { prefix, Provoked, until, within } from "./_util.ts";
 
@@ -65,6 +68,82 @@ describe("redis waiters through a lost connection", () => {
     } finally {
       await waiter.close();
       await server.stop();
+    }
+  });
+});
+
+/** How many connections are subscribed to the channel of the lock `name`. */
+async function subscribers(probe: Redis, name: string): Promise<number> {
+  const [, count] = await probe.pubsub("NUMSUB", `lock:{${name}}:released`) as [string, number];
+  return count;
+}
+
+/** Releases `held` and resolves how long `waiting` then took to get the lock. */
+async function handOff(held: Lease, waiting: Promise<Lease>): Promise<number> {
+  const released = performance.now();
+  await held.release();
+  const lease = await within(waiting, 10_000, undefined);
+  assert.ok(lease, "the waiter never got the lock");
+  const elapsed = performance.now() - released;
+  await lease.release();
+  return elapsed;
+}
+
+describe("redis pub/sub wake-ups", () => {
+  let server: RedisServer;
+  let probe: Redis;
+  before(async () => {
+    server = await RedisServer.start();
+    probe = new Redis({ host: "127.0.0.1", port: server.port });
+  });
+  after(async () => {
+    probe.disconnect();
+    await server.stop();
+  });
+
+  it("subscribes again when the subscriber connection drops while its SUBSCRIBE is in flight", async () => {
+    const proxy = await TcpProxy.start(server.endpoint);
+    const holder = New({ backend: "redis", endpoints: [server.endpoint] });
+    // A poll this slow cannot pass for a wake-up.
+    const waiter = New({ backend: "redis", endpoints: [proxy.endpoint], retryInterval: 5_000 });
+    try {
+      const name = prefix("in-flight");
+      const held = await holder.lock(name);
+      assert.ok(await reconnected(waiter, name), "the waiter's client is connected");
+      // Slow link: the server has the SUBSCRIBE while its confirmation is still on the way.
+      proxy.delayMs = 400;
+      const waiting = waiter.lock(name);
+      await until(async () => await subscribers(probe, name) === 1, 15_000, "the SUBSCRIBE");
+      await probe.call("CLIENT", "KILL", "TYPE", "pubsub");
+      proxy.delayMs = 0;
+      await until(
+        async () => await subscribers(probe, name) === 1,
+        4_000,
+        "the subscriber to subscribe again after its reconnect",
+      );
+      const elapsed = await handOff(held, waiting);
+      assert.ok(elapsed < 2_000, `the hand-off took ${elapsed.toFixed(0)} ms: a poll`);
+    } finally {
+      await Promise.allSettled([holder.close(), waiter.close()]);
+      await proxy.close();
+    }
+  });
+
+  it("wakes waiters on a client made with enableOfflineQueue: false", async () => {
+    const client = new Redis({ host: "127.0.0.1", port: server.port, enableOfflineQueue: false });
+    await new Promise((resolve) => client.once("ready", resolve));
+    const holder = New({ backend: "redis", endpoints: [server.endpoint] });
+    const waiter = createRedisLocker(client, { retryInterval: 5_000 });
+    try {
+      const name = prefix("no-offline-queue");
+      const held = await holder.lock(name);
+      const waiting = waiter.lock(name);
+      await until(async () => await subscribers(probe, name) === 1, 4_000, "the SUBSCRIBE");
+      const elapsed = await handOff(held, waiting);
+      assert.ok(elapsed < 2_000, `the hand-off took ${elapsed.toFixed(0)} ms: a poll`);
+    } finally {
+      await Promise.allSettled([holder.close(), waiter.close()]);
+      client.disconnect();
     }
   });
 });
