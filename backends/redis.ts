@@ -414,6 +414,8 @@ class Instances {
    */
   readonly contenders = new KeyQueue();
   readonly #secrets: string[];
+  /** Give-backs waiting for the answer to an acquisition abandoned in flight, with their bounds. */
+  readonly #late = new Set<{ done: Promise<void>; until: number }>();
 
   constructor(list: Instance[], secrets: string[]) {
     this.list = list;
@@ -454,10 +456,41 @@ class Instances {
     }
   }
 
+  /**
+   * Keeps track of `giveBack`, the release of an acquisition given up while
+   * its SET was in flight, so that closing waits for it: it needs this
+   * connection when the late answer comes. Past `until` (monotonic ms: when
+   * the key would expire anyway) nothing is left to give back.
+   */
+  giveBackLate(giveBack: Promise<unknown>, until: number): void {
+    const entry = { done: giveBack.then(() => {}, () => {}), until };
+    this.#late.add(entry);
+    entry.done.then(() => this.#late.delete(entry));
+  }
+
+  /**
+   * Waits for the late give-backs, each until its key would expire but at
+   * most `CLOSE_GIVE_BACK_BOUND`: a server that stays stalled keeps such a
+   * key until its TTL, and close() must end.
+   */
+  async #settleLate(): Promise<void> {
+    const bound = performance.now() + CLOSE_GIVE_BACK_BOUND;
+    await Promise.all([...this.#late].map(async ({ done, until }) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const ms = Math.min(until, bound) - performance.now();
+      await Promise.race([done, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+      clearTimeout(timer);
+    }));
+  }
+
   async close(): Promise<void> {
+    await this.#settleLate();
     await Promise.all(this.list.map((instance) => instance.subscriptions.close()));
   }
 }
+
+/** How long closing waits at most for Redis to answer an acquisition abandoned in flight. */
+const CLOSE_GIVE_BACK_BOUND = 5_000;
 
 /** What one instance answered to an acquisition attempt. */
 type Answer =
@@ -605,7 +638,10 @@ class RedisDriver implements Driver {
     } catch (reason) {
       // Given up while a SET was in flight (a stalled server, say): when the
       // answer comes, give back whatever it acquired. No ghost lock.
-      answers.then((late) => this.#releaseWhere(late, keys, token), () => {});
+      instances.giveBackLate(
+        answers.then((late) => this.#releaseWhere(late, keys, token)),
+        sentAt + ttl,
+      );
       throw reason;
     }
     const acquired = results.filter((a) => a.kind === "acquired");

@@ -10,7 +10,7 @@ import { type Lease, type Locker, LockTimeoutError, New } from "../mod.ts";
 import { createRedisLocker } from "../backends/redis.ts";
 import { TcpProxy } from "./_proxy.ts";
 import { RedisServer } from "./_servers.ts";
-import { prefix, Provoked, until, within } from "./_util.ts";
+import { prefix, Provoked, sleep, until, within } from "./_util.ts";
 
 const provoked = new Provoked();
 const keep = <T>(error: T) => provoked.keep(error);
@@ -144,6 +144,58 @@ describe("redis pub/sub wake-ups", () => {
     } finally {
       await Promise.allSettled([holder.close(), waiter.close()]);
       client.disconnect();
+    }
+  });
+});
+
+describe("redis close() while Redis is stalled", () => {
+  it("gives back an acquisition that timed out in flight, once Redis answers, before close() resolves", async () => {
+    const server = await RedisServer.start();
+    const probe = new Redis({ host: "127.0.0.1", port: server.port });
+    const locker = New({ backend: "redis", endpoints: [server.endpoint], ttl: 10_000 });
+    const name = prefix("ghost");
+    try {
+      assert.ok(await reconnected(locker, name), "connected before the stall");
+      server.child!.signal("SIGSTOP");
+      let closed: Promise<unknown>;
+      try {
+        const error = keep(await locker.lock(name, { timeout: 300 }).catch((e) => e));
+        assert.ok(error instanceof LockTimeoutError, inspect(error));
+        closed = locker.close().catch((e) => keep(e));
+        await sleep(800); // longer than close() gives QUIT
+      } finally {
+        server.child!.signal("SIGCONT");
+      }
+      await closed;
+      // The SET ran when Redis resumed; a ghost would hold the key for its 10 s TTL.
+      await until(
+        async () => await probe.exists(`lock:{${name}}`) === 0,
+        2_000,
+        "the late give-back of the key",
+      );
+    } finally {
+      await locker.close().catch(() => {});
+      probe.disconnect();
+      await server.stop();
+    }
+  });
+
+  it("still ends close() within its bound when Redis stays stalled", async () => {
+    const server = await RedisServer.start();
+    const locker = New({ backend: "redis", endpoints: [server.endpoint], ttl: 30_000 });
+    const name = prefix("stalled-close");
+    try {
+      assert.ok(await reconnected(locker, name), "connected before the stall");
+      server.child!.signal("SIGSTOP");
+      keep(await locker.lock(name, { timeout: 300 }).catch((e) => e));
+      const started = performance.now();
+      await locker.close().catch((e) => keep(e));
+      const elapsed = performance.now() - started;
+      // At most 5 s for the late answer, then QUIT's 500 ms and the hang-up.
+      assert.ok(elapsed < 8_000, `close() took ${elapsed.toFixed(0)} ms`);
+    } finally {
+      server.child?.signal("SIGCONT");
+      await server.stop();
     }
   });
 });
