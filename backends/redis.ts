@@ -117,10 +117,12 @@ end
 return {0, redis.call('PTTL', KEYS[1])}`;
 
 // KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
+// pcall: a user without rights on the channel still releases (a script is
+// not undone by a later error); its waiters then wake by polling.
 const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
+  redis.pcall('PUBLISH', ARGV[2], ARGV[1])
   return 1
 end
 return 0`;
@@ -167,9 +169,13 @@ function kindOf(text: string): Kind {
   if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
     return "auth";
   }
-  if (/^NOPERM|can't run this command/.test(text)) return "permission";
+  if (/^NOPERM|can't run this command|user executing the script can't/.test(text)) {
+    return "permission";
+  }
+  // Whole words only: a server's CROSSSLOT is no SSL error, and it never
+  // heals by waiting.
   if (
-    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|Connection is closed|Stream isn't writeable|connect|MaxRetriesPerRequest|Reached the max retries|socket|TLS|certificate|SSL/i
+    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|EAI_AGAIN|Connection is closed|Stream isn't writeable|\bconnect|MaxRetriesPerRequest|Reached the max retries|\bsocket\b|\bTLS\b|\bSSL\b|certificate|max number of clients reached/i
       .test(text)
   ) {
     return "connection";
@@ -857,6 +863,7 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
   const errors: unknown[] = [];
   client.on("error", (error) => errors.push(error));
   const action = `Cannot connect to Redis at ${endpoint}`;
+  const started = performance.now();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     const timeout = new Promise<never>((_, reject) => {
@@ -889,10 +896,54 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
     return client;
   } catch (error) {
     await hangUp(client);
-    throw translate(error, action, endpoint, [config.password]);
+    const left = config.dialTimeout - (performance.now() - started);
+    const hungUp = /Connection is closed|EPIPE|ECONNRESET/.test(String((error as Error)?.message));
+    const reason = hungUp && left > 0 ? await hangUpReason(config, endpoint, left) : undefined;
+    throw translate(reason ?? error, action, endpoint, [config.password]);
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * What a server that hung up at once said first, if anything: Redis writes
+ * its reason ("max number of clients reached", protected mode) and closes
+ * without reading, and ioredis, which writes its handshake on connect, loses
+ * that reply to the EPIPE. A connection that writes nothing (no HELLO, AUTH,
+ * client info or ready check) reads it; ioredis reports a reply that answers
+ * no command as an error ending in `Last error: <reply>`.
+ */
+async function hangUpReason(
+  config: ConnectionConfig,
+  endpoint: string,
+  ms: number,
+): Promise<Error | undefined> {
+  const { tls, host, port } = clientOptions(config, endpoint, () => false);
+  const probe = new Redis({
+    host,
+    port,
+    tls,
+    lazyConnect: true,
+    connectTimeout: ms,
+    protocol: 2,
+    enableReadyCheck: false,
+    disableClientInfo: true,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  let reason: Error | undefined;
+  probe.on("error", (error: Error) => {
+    const said = /Last error: (.+)$/.exec(error.message)?.[1];
+    if (said !== undefined) reason ??= new Error(said);
+  });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const ended = new Promise((resolve) => probe.once("end", resolve));
+  probe.connect().catch(() => {});
+  await Promise.race([ended, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+  clearTimeout(timer);
+  await hangUp(probe);
+  return reason;
 }
 
 /** Connects every endpoint: one Redis, or the independent instances of Redlock. */
@@ -993,7 +1044,7 @@ export async function openSharedDriver(options: ResolvedOptions, owner: object):
 
 /**
  * A subscriber connection for a client the caller owns, with options of its
- * own: a `Redis` made with `enableOfflineQueue: false` (as advised) would
+ * own: a `Redis` made with `enableOfflineQueue: false` (as the README advises) would
  * otherwise pass that on, and its SUBSCRIBE would be refused while it
  * connects. A `Cluster` keeps its own subscriber handling.
  */

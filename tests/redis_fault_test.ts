@@ -5,9 +5,16 @@
 import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { inspect } from "node:util";
-import { Redis } from "ioredis";
-import { type Lease, type Locker, LockTimeoutError, New } from "../mod.ts";
-import { createRedisLocker } from "../backends/redis.ts";
+import { Redis, type RedisOptions } from "ioredis";
+import {
+  type Lease,
+  LockConnectionError,
+  type Locker,
+  LockError,
+  LockTimeoutError,
+  New,
+} from "../mod.ts";
+import { createRedisLocker, type RedisClient } from "../backends/redis.ts";
 import { TcpProxy } from "./_proxy.ts";
 import { RedisServer } from "./_servers.ts";
 import { prefix, Provoked, sleep, until, within } from "./_util.ts";
@@ -199,3 +206,103 @@ describe("redis close() while Redis is stalled", () => {
     }
   });
 });
+
+const PASSWORD = "fault-Secret-7b3e";
+
+describe("redis errors", () => {
+  it("releases as a user without channel rights, and its waiters get the lock by polling", async () => {
+    const server = await RedisServer.start();
+    // Redis 7 gives a new user no channels (acl-pubsub-default resetchannels).
+    server.cli(["ACL", "SETUSER", "nochannels", "on", `>${PASSWORD}`, "~lock:*", "+@all"]);
+    const options = {
+      backend: "redis" as const,
+      endpoints: [server.endpoint],
+      username: "nochannels",
+      password: PASSWORD,
+    };
+    const holder = New(options);
+    const waiter = New({ ...options, ttl: 5_000 });
+    try {
+      const name = prefix("nochannels");
+      const held = await holder.lock(name);
+      const waiting = waiter.lock(name, { timeout: 5_000 }).catch((e) => keep(e));
+      assert.equal(await within(waiting, 300, "waiting"), "waiting");
+      // The DEL ran; only the PUBLISH was refused.
+      const released = await held.release().then(() => "released", (e) => keep(e));
+      assert.equal(released, "released", inspect(released));
+      const lease = await waiting;
+      assert.ok(lease && "token" in lease, inspect(lease));
+      assert.ok(lease.token > held.token);
+    } finally {
+      await Promise.allSettled([holder.close(), waiter.close()]);
+      await server.stop();
+    }
+  });
+
+  it("says the server's reason when it has no room for another client", async () => {
+    const server = await RedisServer.start({ args: ["--maxclients", "1"] });
+    const hog = new Redis({ host: "127.0.0.1", port: server.port });
+    const locker = New({ backend: "redis", endpoints: [server.endpoint], dialTimeout: 2_000 });
+    try {
+      await hog.ping();
+      const error = keep(await locker.lock(prefix("full")).catch((e) => e));
+      assert.ok(error instanceof LockConnectionError, inspect(error));
+      assert.match(error.message, /max number of clients reached/, error.message);
+      assert.ok(error.message.startsWith(`Cannot connect to Redis at ${server.endpoint}: `));
+    } finally {
+      await locker.close();
+      hog.disconnect();
+      await server.stop();
+    }
+  });
+
+  it("calls a CROSSSLOT answer what Redis answered, not a connection error, and stops waiting", async () => {
+    const server = await RedisServer.start({
+      args: ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+    });
+    server.cli(["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+    const redis = new Redis({ host: "127.0.0.1", port: server.port });
+    const locker = createRedisLocker(crossSlot(redis));
+    try {
+      await until(
+        () => server.cli(["CLUSTER", "INFO"]).includes("cluster_state:ok"),
+        10_000,
+        "cluster_state:ok",
+      );
+      const started = performance.now();
+      const error = keep(
+        await locker.lock(prefix("crossslot"), { timeout: 3_000 }).catch((e) => e),
+      );
+      assert.ok(error instanceof LockError, inspect(error));
+      assert.ok(!(error instanceof LockConnectionError), inspect(error));
+      assert.ok(!(error instanceof LockTimeoutError), `waited: ${inspect(error)}`);
+      assert.match(error.message, /the given client answered: CROSSSLOT/, error.message);
+      assert.ok(performance.now() - started < 2_000);
+    } finally {
+      await locker.close();
+      redis.disconnect();
+      await server.stop();
+    }
+  });
+
+  it("never show the password or a lock token in any error these tests provoked", () => {
+    provoked.assertClean([PASSWORD]);
+  });
+});
+
+/**
+ * The caller's client, but each script also names a key of another slot:
+ * a Redis in cluster mode answers CROSSSLOT, as it does to a command whose
+ * keys hash to different slots.
+ */
+function crossSlot(redis: Redis): RedisClient {
+  const withKey = (count: number, rest: (string | number)[]) =>
+    [count + 1, ...rest.slice(0, count), "{elsewhere}", ...rest.slice(count)] as const;
+  return {
+    evalsha: (sha: string, count: number, ...rest: (string | number)[]) =>
+      redis.evalsha(sha, ...withKey(count, rest)),
+    eval: (script: string, count: number, ...rest: (string | number)[]) =>
+      redis.eval(script, ...withKey(count, rest)),
+    duplicate: (options?: RedisOptions) => redis.duplicate(options),
+  };
+}
