@@ -155,6 +155,44 @@ describe("redis pub/sub wake-ups", () => {
   });
 });
 
+describe("redis subscriber that cannot connect", () => {
+  it("queues no SUBSCRIBE while it cannot connect, and subscribes only what is still wanted", async () => {
+    const server = await RedisServer.start();
+    const probe = new Redis({ host: "127.0.0.1", port: server.port });
+    // Two lockers on one shared client: one holds, the other waits and subscribes.
+    const holder = New({ backend: "redis", endpoints: [server.endpoint] });
+    const waiter = New({ backend: "redis", endpoints: [server.endpoint], retryInterval: 5_000 });
+    try {
+      const name = prefix("full");
+      assert.ok(await reconnected(waiter, name), "the shared client is connected");
+      // The probe and the shared client fill the server: the subscriber is refused.
+      await probe.config("SET", "maxclients", "2");
+      await probe.call("CONFIG", "RESETSTAT");
+      for (let i = 0; i < 20; i++) {
+        const held = await holder.lock(`${name}/${i}`);
+        keep(await waiter.lock(`${name}/${i}`, { timeout: 150 }).catch((e) => e));
+        await held.release();
+      }
+      await sleep(1_500); // every channel's linger is over: none is wanted any more
+      const held = await holder.lock(name);
+      const waiting = waiter.lock(name);
+      await sleep(300);
+      await probe.config("SET", "maxclients", "100");
+      await until(async () => await subscribers(probe, name) === 1, 6_000, "the SUBSCRIBE");
+      await sleep(300);
+      // One SUBSCRIBE, for the one channel still wanted; none of the 20 gone meanwhile.
+      const stats = await probe.info("commandstats");
+      assert.match(stats, /cmdstat_subscribe:calls=1,/, stats);
+      const elapsed = await handOff(held, waiting);
+      assert.ok(elapsed < 2_000, `the hand-off took ${elapsed.toFixed(0)} ms`);
+    } finally {
+      await Promise.allSettled([holder.close(), waiter.close()]);
+      probe.disconnect();
+      await server.stop();
+    }
+  });
+});
+
 describe("redis close() while Redis is stalled", () => {
   it("gives back an acquisition that timed out in flight, once Redis answers, before close() resolves", async () => {
     const server = await RedisServer.start();
