@@ -231,23 +231,6 @@ type Listener = () => void;
 /** How long a channel stays subscribed after its last waiter left. */
 const SUBSCRIPTION_LINGER = 1_000;
 
-/**
- * Options of a subscriber connection, whatever the client it is made from
- * says: no offline queue (SUBSCRIBE goes out only on a ready connection, so
- * nothing piles up while Redis is away), no resubscription or re-sending by
- * ioredis (`Subscriptions` does it, from what the server confirmed), an
- * in-flight SUBSCRIBE rejected when its connection drops, and reconnection
- * for as long as the subscriber lives.
- */
-const SUBSCRIBER: RedisOptions = {
-  lazyConnect: false,
-  enableOfflineQueue: false,
-  autoResubscribe: false,
-  autoResendUnfulfilledCommands: false,
-  maxRetriesPerRequest: 0,
-  retryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
-};
-
 /** A deferred: a promise and the function that resolves it. */
 interface Pending {
   promise: Promise<void>;
@@ -553,7 +536,7 @@ class RedisDriver implements Driver {
           // A waiter outlives a transient loss of connection (a restart, a
           // failover): only its own signal, or what no retry cures (auth,
           // permission), ends it. The first connect already proved the server.
-          if (!wait || !transient(error)) throw error;
+          if (!wait || signal.aborted || !transient(error)) throw error;
           await this.#sleep(this.#settings.retryInterval, woke, signal);
           continue;
         }
@@ -898,7 +881,9 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
     await hangUp(client);
     const left = config.dialTimeout - (performance.now() - started);
     const hungUp = /Connection is closed|EPIPE|ECONNRESET/.test(String((error as Error)?.message));
-    const reason = hungUp && left > 0 ? await hangUpReason(config, endpoint, left) : undefined;
+    // Redis writes its reason as soon as it accepts: a second is plenty to read it.
+    const probeFor = Math.min(left, 1_000);
+    const reason = hungUp && left > 0 ? await hangUpReason(config, endpoint, probeFor) : undefined;
     throw translate(reason ?? error, action, endpoint, [config.password]);
   } finally {
     clearTimeout(timer);
@@ -1008,6 +993,25 @@ async function hangUp(client: Redis): Promise<void> {
 
 /** How long ioredis waits for a socket it ended to close before destroying it. */
 const DISCONNECT_TIMEOUT = 50;
+
+/**
+ * Options of a subscriber connection, whatever the client it is made from
+ * says: no offline queue (SUBSCRIBE goes out only on a ready connection, so
+ * nothing piles up while Redis is away), no resubscription or re-sending by
+ * ioredis (`Subscriptions` does it, from what the server confirmed), an
+ * in-flight SUBSCRIBE rejected when its connection drops, and reconnection
+ * for as long as the subscriber lives.
+ */
+const SUBSCRIBER: RedisOptions = {
+  lazyConnect: false,
+  enableOfflineQueue: false,
+  autoResubscribe: false,
+  autoResendUnfulfilledCommands: false,
+  maxRetriesPerRequest: 0,
+  retryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
+  // hangUp() counts on it.
+  disconnectTimeout: DISCONNECT_TIMEOUT,
+};
 
 async function disconnect(instances: Instances): Promise<void> {
   await instances.close();
