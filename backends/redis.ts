@@ -121,11 +121,13 @@ return {0, redis.call('PTTL', KEYS[1])}`;
 
 // KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
 // Without a channel (a partial acquisition given back) it wakes nobody:
-// waiters would only find the lock still held on a majority.
+// waiters would only find the lock still held on a majority. pcall: a user
+// without rights on the channel still releases (a script is not undone by a
+// later error); its waiters then wake by polling.
 const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[1]) end
+  if ARGV[2] ~= '' then redis.pcall('PUBLISH', ARGV[2], ARGV[1]) end
   return 1
 end
 return 0`;
@@ -187,14 +189,32 @@ function kindOf(text: string): Kind {
   if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
     return "auth";
   }
-  if (/^NOPERM|can't run this command/.test(text)) return "permission";
+  if (/^NOPERM|can't run this command|user executing the script can't/.test(text)) {
+    return "permission";
+  }
+  // Whole words only: a server's CROSSSLOT is no SSL error, and it never
+  // heals by waiting.
   if (
-    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|Connection is closed|Stream isn't writeable|connect|MaxRetriesPerRequest|Reached the max retries|socket|TLS|certificate|SSL/i
+    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|EAI_AGAIN|Connection is closed|Stream isn't writeable|\bconnect|MaxRetriesPerRequest|Reached the max retries|\bsocket\b|\bTLS\b|\bSSL\b|certificate|max number of clients reached/i
       .test(text)
   ) {
     return "connection";
   }
   return "other";
+}
+
+/**
+ * Replies that mean "not now": a server loading its data, busy with a
+ * script, or a cluster between masters.
+ */
+const NOT_NOW = /^(LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN)\b/;
+
+/** Whether a failed attempt may succeed later without anything changing on our side. */
+function transient(error: unknown): boolean {
+  if (error instanceof LockConnectionError) return true;
+  if (error instanceof LockAuthError || error instanceof LockPermissionError) return false;
+  const cause = (error as Error)?.cause;
+  return NOT_NOW.test(String((cause as Error)?.message ?? ""));
 }
 
 /** A typed error of `kind` with `message`. */
@@ -231,13 +251,32 @@ type Listener = () => void;
 /** How long a channel stays subscribed after its last waiter left. */
 const SUBSCRIPTION_LINGER = 1_000;
 
-/** One subscriber connection's channels, shared by every waiter on one instance. */
+/** A deferred: a promise and the function that resolves it. */
+interface Pending {
+  promise: Promise<void>;
+  resolve(): void;
+}
+
+/**
+ * One subscriber connection's channels, shared by every waiter on one
+ * instance. A channel counts as subscribed only once the server confirmed it
+ * on the current connection; every reconnect subscribes every wanted channel
+ * again and then wakes its waiters, since a release may have gone unheard.
+ */
 class Subscriptions {
   readonly #make: () => Redis;
   #subscriber?: Redis;
   readonly #listeners = new Map<string, Set<Listener>>();
   /** Channels nobody listens to any more, unsubscribed after a moment unless wanted again. */
   readonly #idle = new Map<string, ReturnType<typeof setTimeout>>();
+  /** Channels the server confirmed on the current connection. */
+  readonly #confirmed = new Set<string>();
+  /** Channels whose SUBSCRIBE is in flight on the current connection. */
+  readonly #sent = new Set<string>();
+  /** One confirmation to wait for per channel, however many waiters ask. */
+  readonly #pending = new Map<string, Pending>();
+  /** Counts connections, so an answer from an old one is not taken for the current one. */
+  #generation = 0;
 
   constructor(make: () => Redis) {
     this.#make = make;
@@ -247,12 +286,66 @@ class Subscriptions {
     if (this.#subscriber === undefined) {
       const subscriber = this.#make();
       subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
-      subscriber.on("message", (channel: string) => {
-        for (const listener of this.#listeners.get(channel) ?? []) listener();
+      subscriber.on("message", (channel: string) => this.#wake(channel));
+      subscriber.on("ready", () => {
+        for (const channel of this.#wanted()) this.#send(channel, true);
+      });
+      subscriber.on("close", () => {
+        // The server forgets a connection's subscriptions with it.
+        this.#generation++;
+        this.#confirmed.clear();
+        this.#sent.clear();
+        this.#settleAll();
       });
       this.#subscriber = subscriber;
     }
     return this.#subscriber;
+  }
+
+  #wanted(): string[] {
+    return [...this.#listeners.keys(), ...this.#idle.keys()];
+  }
+
+  #wake(channel: string) {
+    for (const listener of this.#listeners.get(channel) ?? []) listener();
+  }
+
+  /**
+   * Sends SUBSCRIBE if the connection is ready and none is in flight; a
+   * connection not ready yet subscribes on its "ready". After a reconnect
+   * (`again`) the confirmation wakes the channel's waiters to try at once.
+   */
+  #send(channel: string, again = false) {
+    const subscriber = this.#connection();
+    if (subscriber.status !== "ready" || this.#sent.has(channel)) return;
+    this.#sent.add(channel);
+    const generation = this.#generation;
+    subscriber.subscribe(channel).then(
+      () => {
+        if (generation !== this.#generation) return;
+        this.#sent.delete(channel);
+        if (!this.#listeners.has(channel) && !this.#idle.has(channel)) return;
+        this.#confirmed.add(channel);
+        this.#settle(channel);
+        if (again) this.#wake(channel);
+      },
+      () => {
+        // Refused (no channel permission, say) or dropped with its
+        // connection: the waiters poll; the next reconnect tries again.
+        if (generation === this.#generation) this.#sent.delete(channel);
+        this.#settle(channel);
+      },
+    );
+  }
+
+  #settle(channel: string) {
+    this.#pending.get(channel)?.resolve();
+    this.#pending.delete(channel);
+  }
+
+  #settleAll() {
+    for (const pending of this.#pending.values()) pending.resolve();
+    this.#pending.clear();
   }
 
   /**
@@ -262,20 +355,26 @@ class Subscriptions {
    */
   add(channel: string, listener: Listener): { remove(): void; ready: Promise<void> } {
     let listeners = this.#listeners.get(channel);
-    let ready = Promise.resolve();
     if (listeners === undefined) {
       listeners = new Set();
       this.#listeners.set(channel, listeners);
-      const idle = this.#idle.get(channel);
-      if (idle !== undefined) {
-        // Still subscribed: under steady contention, no SUBSCRIBE per wait.
-        clearTimeout(idle);
-        this.#idle.delete(channel);
-      } else {
-        ready = this.#connection().subscribe(channel).then(() => {}, () => {});
-      }
+      // Still subscribed: under steady contention, no SUBSCRIBE per wait.
+      clearTimeout(this.#idle.get(channel));
+      this.#idle.delete(channel);
     }
     listeners.add(listener);
+    let ready = Promise.resolve();
+    if (!this.#confirmed.has(channel)) {
+      let pending = this.#pending.get(channel);
+      if (pending === undefined) {
+        let resolve!: () => void;
+        const promise = new Promise<void>((r) => resolve = r);
+        pending = { promise, resolve };
+        this.#pending.set(channel, pending);
+      }
+      ready = pending.promise;
+      this.#send(channel);
+    }
     const remove = () => {
       const set = this.#listeners.get(channel);
       if (set === undefined || !set.delete(listener) || set.size > 0) return;
@@ -284,7 +383,12 @@ class Subscriptions {
         channel,
         setTimeout(() => {
           this.#idle.delete(channel);
-          this.#subscriber?.unsubscribe(channel).catch(() => {});
+          this.#settle(channel);
+          const subscribed = this.#confirmed.delete(channel) || this.#sent.has(channel);
+          const subscriber = this.#subscriber;
+          if (subscribed && subscriber?.status === "ready") {
+            subscriber.unsubscribe(channel).catch(() => {});
+          }
         }, SUBSCRIPTION_LINGER),
       );
     };
@@ -295,6 +399,7 @@ class Subscriptions {
     this.#listeners.clear();
     for (const timer of this.#idle.values()) clearTimeout(timer);
     this.#idle.clear();
+    this.#settleAll();
     const subscriber = this.#subscriber;
     this.#subscriber = undefined;
     if (subscriber) await hangUp(subscriber);
@@ -318,6 +423,8 @@ class Instances {
    */
   readonly contenders = new KeyQueue();
   readonly #secrets: string[];
+  /** Give-backs waiting for the answer to an acquisition abandoned in flight, with their bounds. */
+  readonly #late = new Set<{ done: Promise<void>; until: number }>();
 
   constructor(list: Instance[], secrets: string[]) {
     this.list = list;
@@ -415,7 +522,35 @@ class Instances {
     return { calls, answers };
   }
 
+  /**
+   * Keeps track of `giveBack`, the release of an acquisition given up while
+   * its SET was in flight, so that closing waits for it: it needs this
+   * connection when the late answer comes. Past `until` (monotonic ms: when
+   * the key would expire anyway) nothing is left to give back.
+   */
+  giveBackLate(giveBack: Promise<unknown>, until: number): void {
+    const entry = { done: giveBack.then(() => {}, () => {}), until };
+    this.#late.add(entry);
+    entry.done.then(() => this.#late.delete(entry));
+  }
+
+  /**
+   * Waits for the late give-backs, each until its key would expire but at
+   * most `CLOSE_GIVE_BACK_BOUND`: a server that stays stalled keeps such a
+   * key until its TTL, and close() must end.
+   */
+  async #settleLate(): Promise<void> {
+    const bound = performance.now() + CLOSE_GIVE_BACK_BOUND;
+    await Promise.all([...this.#late].map(async ({ done, until }) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const ms = Math.min(until, bound) - performance.now();
+      await Promise.race([done, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+      clearTimeout(timer);
+    }));
+  }
+
   async close(): Promise<void> {
+    await this.#settleLate();
     await Promise.all(this.list.map((instance) => instance.subscriptions.close()));
   }
 }
@@ -433,6 +568,9 @@ class Silence extends Error {
     );
   }
 }
+
+/** How long closing waits at most for Redis to answer an acquisition abandoned in flight. */
+const CLOSE_GIVE_BACK_BOUND = 5_000;
 
 /** What one instance answered to an acquisition attempt. */
 type Answer =
@@ -482,7 +620,17 @@ class RedisDriver implements Driver {
     try {
       for (;;) {
         const woke = new Promise<void>((resolve) => woken = resolve);
-        const attempt = await this.#attempt(keys, token, signal, action);
+        let attempt: { grant?: Grant; pttl: number };
+        try {
+          attempt = await this.#attempt(keys, token, signal, action);
+        } catch (error) {
+          // A waiter outlives a transient loss of connection (a restart, a
+          // failover): only its own signal, or what no retry cures (auth,
+          // permission), ends it. The first connect already proved the server.
+          if (!wait || signal.aborted || !transient(error)) throw error;
+          await this.#sleep(this.#settings.retryInterval, woke, signal);
+          continue;
+        }
         if (attempt.grant) return attempt.grant;
         if (!wait) return undefined;
         if (unsubscribe.length === 0) {
@@ -644,8 +792,14 @@ class RedisDriver implements Driver {
   ): void {
     calls.forEach((call, i) => {
       if (answered?.[i] !== undefined) return;
-      void call.then((answer) =>
-        answer.kind === "acquired" && unwanted() ? this.#giveBack(i, keys, token, wake) : undefined
+      // close() waits for it (bounded): the give-back needs the connection.
+      this.#instances.giveBackLate(
+        call.then((answer) =>
+          answer.kind === "acquired" && unwanted()
+            ? this.#giveBack(i, keys, token, wake)
+            : undefined
+        ),
+        performance.now() + this.#settings.ttl,
       );
     });
   }
@@ -949,6 +1103,7 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
   const errors: unknown[] = [];
   client.on("error", (error) => errors.push(error));
   const action = `Cannot connect to Redis at ${endpoint}`;
+  const started = performance.now();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
     const timeout = new Promise<never>((_, reject) => {
@@ -981,10 +1136,56 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
     return client;
   } catch (error) {
     await hangUp(client);
-    throw translate(error, action, endpoint, [config.password]);
+    const left = config.dialTimeout - (performance.now() - started);
+    const hungUp = /Connection is closed|EPIPE|ECONNRESET/.test(String((error as Error)?.message));
+    // Redis writes its reason as soon as it accepts: a second is plenty to read it.
+    const probeFor = Math.min(left, 1_000);
+    const reason = hungUp && left > 0 ? await hangUpReason(config, endpoint, probeFor) : undefined;
+    throw translate(reason ?? error, action, endpoint, [config.password]);
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * What a server that hung up at once said first, if anything: Redis writes
+ * its reason ("max number of clients reached", protected mode) and closes
+ * without reading, and ioredis, which writes its handshake on connect, loses
+ * that reply to the EPIPE. A connection that writes nothing (no HELLO, AUTH,
+ * client info or ready check) reads it; ioredis reports a reply that answers
+ * no command as an error ending in `Last error: <reply>`.
+ */
+async function hangUpReason(
+  config: ConnectionConfig,
+  endpoint: string,
+  ms: number,
+): Promise<Error | undefined> {
+  const { tls, host, port } = clientOptions(config, endpoint, () => false);
+  const probe = new Redis({
+    host,
+    port,
+    tls,
+    lazyConnect: true,
+    connectTimeout: ms,
+    protocol: 2,
+    enableReadyCheck: false,
+    disableClientInfo: true,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  let reason: Error | undefined;
+  probe.on("error", (error: Error) => {
+    const said = /Last error: (.+)$/.exec(error.message)?.[1];
+    if (said !== undefined) reason ??= new Error(said);
+  });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const ended = new Promise((resolve) => probe.once("end", resolve));
+  probe.connect().catch(() => {});
+  await Promise.race([ended, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+  clearTimeout(timer);
+  await hangUp(probe);
+  return reason;
 }
 
 /** Connects every endpoint: one Redis, or the independent instances of Redlock. */
@@ -1013,13 +1214,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
     return {
       name: endpoint,
       client,
-      subscriptions: new Subscriptions(() =>
-        client.duplicate({
-          enableOfflineQueue: true,
-          lazyConnect: false,
-          maxRetriesPerRequest: null,
-        })
-      ),
+      subscriptions: new Subscriptions(() => client.duplicate(SUBSCRIBER)),
     };
   });
   return new Instances(list, [config.password]);
@@ -1056,6 +1251,25 @@ async function hangUp(client: Redis): Promise<void> {
 /** How long ioredis waits for a socket it ended to close before destroying it. */
 const DISCONNECT_TIMEOUT = 50;
 
+/**
+ * Options of a subscriber connection, whatever the client it is made from
+ * says: no offline queue (SUBSCRIBE goes out only on a ready connection, so
+ * nothing piles up while Redis is away), no resubscription or re-sending by
+ * ioredis (`Subscriptions` does it, from what the server confirmed), an
+ * in-flight SUBSCRIBE rejected when its connection drops, and reconnection
+ * for as long as the subscriber lives.
+ */
+const SUBSCRIBER: RedisOptions = {
+  lazyConnect: false,
+  enableOfflineQueue: false,
+  autoResubscribe: false,
+  autoResendUnfulfilledCommands: false,
+  maxRetriesPerRequest: 0,
+  retryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
+  // hangUp() counts on it.
+  disconnectTimeout: DISCONNECT_TIMEOUT,
+};
+
 async function disconnect(instances: Instances): Promise<void> {
   await instances.close();
   await Promise.all(instances.list.map(async (instance) => {
@@ -1087,6 +1301,17 @@ const clients = new Connector<Instances>({ create: connect, close: disconnect })
 export async function openSharedDriver(options: ResolvedOptions, owner: object): Promise<Driver> {
   const ref: ClientRef<Instances> = await clients.acquire(options, owner);
   return new RedisDriver(ref.client, options, ref.release);
+}
+
+/**
+ * A subscriber connection for a client the caller owns, with options of its
+ * own: a `Redis` made with `enableOfflineQueue: false` (as the README advises) would
+ * otherwise pass that on, and its SUBSCRIBE would be refused while it
+ * connects. A `Cluster` keeps its own subscriber handling.
+ */
+function subscriberOf(client: Redis): Redis {
+  if ((client as { isCluster?: boolean }).isCluster === true) return client.duplicate();
+  return client.duplicate(SUBSCRIBER);
 }
 
 /**
@@ -1137,7 +1362,7 @@ export function createRedisLocker(
       (list as unknown as Redis[]).map((c, i) => ({
         name: list.length === 1 ? "the given client" : `client ${i + 1}`,
         client: c,
-        subscriptions: new Subscriptions(() => c.duplicate()),
+        subscriptions: new Subscriptions(() => subscriberOf(c)),
       })),
       [],
     );

@@ -4,7 +4,7 @@
 import { after, afterEach, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { inspect } from "node:util";
-import { LockConnectionError, type Locker, New, type Options } from "../mod.ts";
+import { LockConnectionError, type Locker, LockTimeoutError, New, type Options } from "../mod.ts";
 import { RedisServer } from "./_servers.ts";
 import { TcpProxy } from "./_proxy.ts";
 import { isPending, prefix, sleep, until, within } from "./_util.ts";
@@ -104,7 +104,7 @@ describe("redlock with one of three instances stopped (SIGSTOP)", () => {
   });
 });
 
-describe("redis instances that stop answering a lock() (SIGSTOP)", () => {
+describe("redis instances that stop answering an acquisition (SIGSTOP)", () => {
   let servers: RedisServer[];
   before(async () => {
     servers = await Promise.all([RedisServer.start(), RedisServer.start(), RedisServer.start()]);
@@ -121,13 +121,20 @@ describe("redis instances that stop answering a lock() (SIGSTOP)", () => {
     return locker;
   }
 
-  it("rejects with a LockConnectionError once the only instance has not answered within the validity time", async () => {
+  it("tryLock() rejects with a LockConnectionError once the only instance has not answered within the validity time; lock() waits on until its timeout", async () => {
     const locker = await connected([servers[0]]);
     const name = prefix("only");
     servers[0].child!.signal("SIGSTOP");
     try {
-      const error = await within(locker.lock(name).catch((e) => e), 5_000, "hung");
+      const error = await within(locker.tryLock(name).catch((e) => e), 5_000, "hung");
       assert.ok(error instanceof LockConnectionError, inspect(error));
+      // A transient loss: a waiting lock() keeps trying until its own timeout.
+      const waited = await within(
+        locker.lock(name, { timeout: 2_500 }).catch((e) => e),
+        6_000,
+        "hung",
+      );
+      assert.ok(waited instanceof LockTimeoutError, inspect(waited));
       assert.equal(
         error.message,
         `Cannot acquire lock ${JSON.stringify(name)}: Redis at ${
@@ -140,13 +147,13 @@ describe("redis instances that stop answering a lock() (SIGSTOP)", () => {
     }
   });
 
-  it("rejects with a LockConnectionError saying which did not answer when two of three stop", async () => {
+  it("tryLock() rejects with a LockConnectionError saying which did not answer when two of three stop", async () => {
     const locker = await connected(servers);
     const name = prefix("two");
     servers[1].child!.signal("SIGSTOP");
     servers[2].child!.signal("SIGSTOP");
     try {
-      const error = await within(locker.lock(name).catch((e) => e), 5_000, "hung");
+      const error = await within(locker.tryLock(name).catch((e) => e), 5_000, "hung");
       assert.ok(error instanceof LockConnectionError, inspect(error));
       assert.match(error.message, /1 of 3 Redis instances answered \(2 needed\)/);
       assert.ok(error.message.includes(`${servers[0].endpoint} granted it`), error.message);
