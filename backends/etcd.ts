@@ -191,7 +191,7 @@ class DeadlineError extends Error {
  * ("too many requests") once applied entries lag committed ones by 5,000: a
  * burst of thousands from one process must queue here, not there.
  */
-const MAX_IN_FLIGHT = 128;
+const MAX_IN_FLIGHT = 512;
 
 /** A counting semaphore whose waits end at a deadline. */
 class Slots {

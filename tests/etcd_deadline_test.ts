@@ -174,3 +174,125 @@ describe("etcd: close() while the session's lease grant is in flight", () => {
     assert.match(leases, /found 0 leases/, leases);
   });
 });
+
+/** etcd's count of unary requests it has started and not yet answered, from its /metrics. */
+async function unaryInFlight(endpoint: string): Promise<number> {
+  const text = await (await fetch(`http://${endpoint}/metrics`)).text();
+  let started = 0;
+  let handled = 0;
+  for (const line of text.split("\n")) {
+    if (!line.includes('grpc_type="unary"')) continue;
+    const value = Number(line.slice(line.lastIndexOf(" ") + 1));
+    if (line.startsWith("grpc_server_started_total{")) started += value;
+    else if (line.startsWith("grpc_server_handled_total{")) handled += value;
+  }
+  return started - handled;
+}
+
+/** etcd's count of answered requests of one gRPC method, from its /metrics. */
+async function handled(endpoint: string, method: string): Promise<number> {
+  const text = await (await fetch(`http://${endpoint}/metrics`)).text();
+  let total = 0;
+  for (const line of text.split("\n")) {
+    if (line.startsWith("grpc_server_handled_total{") && line.includes(`grpc_method="${method}"`)) {
+      total += Number(line.slice(line.lastIndexOf(" ") + 1));
+    }
+  }
+  return total;
+}
+
+describe("etcd: bursts", () => {
+  let cluster: EtcdCluster;
+  let probe: Etcd3;
+  before(async () => {
+    cluster = await EtcdCluster.start();
+    probe = new Etcd3({ hosts: cluster.endpoints.map((e) => `http://${e}`) });
+  });
+  after(async () => {
+    probe.close();
+    await cluster.stop();
+  });
+
+  it("keeps at most 512 requests in flight to etcd during a burst of 3,000 tryLocks, and every one succeeds", async () => {
+    const name = prefix("burst");
+    const locker = New({ endpoints: cluster.endpoints });
+    await (await locker.lock(`${name}/warm`)).release();
+    let peak = 0;
+    let stop = false;
+    const sampler = (async () => {
+      while (!stop) {
+        peak = Math.max(peak, await unaryInFlight(cluster.endpoints[0]));
+        await sleep(5);
+      }
+    })();
+    const results = await Promise.allSettled(
+      Array.from({ length: 3_000 }, (_, i) => locker.tryLock(`${name}/${i}`)),
+    );
+    stop = true;
+    await sampler;
+    const rejected = results.filter((r) => r.status === "rejected");
+    assert.deepEqual(rejected, [], `${rejected.length} tryLocks rejected`);
+    assert.ok(peak <= 512, `etcd had ${peak} requests of this locker in flight at once`);
+    await locker.close();
+  });
+
+  it("Locker.close() of a locker holding 2,000 locks revokes its session lease in one request and leaves no key", async () => {
+    const name = prefix("close-many");
+    const locker = New({ endpoints: cluster.endpoints });
+    const leases = await Promise.all(
+      Array.from({ length: 2_000 }, (_, i) => locker.tryLock(`${name}/${i}`)),
+    );
+    assert.ok(leases.every((lease) => lease !== undefined));
+    const txns = await handled(cluster.endpoints[0], "Txn");
+    const revokes = await handled(cluster.endpoints[0], "LeaseRevoke");
+    await locker.close();
+    const deletes = (await handled(cluster.endpoints[0], "Txn")) - txns;
+    assert.ok(deletes < 10, `close() sent ${deletes} transactions, one per lock`);
+    assert.ok((await handled(cluster.endpoints[0], "LeaseRevoke")) > revokes, "no revoke");
+    assert.equal(await probe.getAll().prefix(`${name}/`).count(), 0);
+  });
+});
+
+const APP = "app-pw-31c7";
+
+describe("etcd: close() when etcd refuses to revoke the session lease", {
+  sanitizeOps: false,
+  sanitizeResources: false,
+}, () => {
+  let cluster: EtcdCluster;
+  const root = [`--user=root:${ROOT}`];
+  before(async () => {
+    cluster = await EtcdCluster.start();
+    cluster.etcdctl(["user", "add", `root:${ROOT}`]);
+    cluster.etcdctl(["auth", "enable"]);
+    cluster.etcdctl(["role", "add", "locker"], root);
+    cluster.etcdctl(
+      ["role", "grant-permission", "locker", "--prefix=true", "readwrite", "/app/"],
+      root,
+    );
+    cluster.etcdctl(["user", "add", `app:${APP}`], root);
+    cluster.etcdctl(["user", "grant-role", "app", "locker"], root);
+  });
+  after(async () => {
+    await cluster.stop();
+  });
+
+  it("still gives back every lock, one by one", async () => {
+    const name = `/app${prefix("refused")}`;
+    const locker = New({ endpoints: cluster.endpoints, username: "app", password: APP });
+    const leases = await Promise.all(
+      Array.from({ length: 50 }, (_, i) => locker.lock(`${name}/${i}`)),
+    );
+    // A key outside the app's role on the app's session lease: etcd lets the
+    // app revoke the lease only if it may write every key on it.
+    const keys = cluster.etcdctl(["get", "--prefix", "--keys-only", `${name}/0/`], root);
+    const hex = keys.trim().split("/").pop()!;
+    cluster.etcdctl(["put", `--lease=${hex}`, `/other${name}`, "x"], root);
+    await locker.close();
+    assert.ok(leases.every((lease) => lease.signal.aborted));
+    const left = cluster.etcdctl(["get", "--prefix", "--keys-only", `${name}/`], root);
+    assert.equal(left.trim(), "", "close() left locks behind");
+    // The lease itself was not revoked: it runs out with its ttl.
+    assert.match(cluster.etcdctl(["get", `/other${name}`], root), /x/);
+  });
+});
