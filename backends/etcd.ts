@@ -243,12 +243,6 @@ function transient(error: unknown): boolean {
   return /too many requests/i.test(String((error as Error | undefined)?.message));
 }
 
-/** etcd forgot the auth token (a restart): a unary call fetches a new one. */
-function staleToken(error: unknown): boolean {
-  return error instanceof EtcdInvalidAuthTokenError ||
-    /invalid auth token/i.test(String((error as Error | undefined)?.message));
-}
-
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -331,27 +325,8 @@ class Calls {
     }
   }
 
-  /**
-   * One keepalive round trip within `within` ms; resolves the TTL the server
-   * now gives the lease (0: gone). The stream path of npm:etcd3 never renews
-   * an auth token etcd forgot (a restart): a unary call does, then one more try.
-   */
+  /** One keepalive round trip within `within` ms; resolves the TTL the server now gives the lease (0: gone). */
   async keepalive(id: string, within: number): Promise<number> {
-    const deadline = performance.now() + within;
-    try {
-      return await this.#keepaliveOnce(id, within);
-    } catch (error) {
-      const left = deadline - performance.now();
-      if (!staleToken(error) || left <= 0) throw error;
-      await this.#send(
-        (options) => this.client.leaseClient.leaseTimeToLive({ ID: id }, options),
-        left,
-      );
-      return await this.#keepaliveOnce(id, Math.max(1, deadline - performance.now()));
-    }
-  }
-
-  async #keepaliveOnce(id: string, within: number): Promise<number> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     let stream: Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>> | undefined;
     let ended = false;
@@ -360,7 +335,11 @@ class Calls {
     });
     const reply = (async () => {
       const opened = await this.client.leaseClient.leaseKeepAlive();
-      if (ended) return endStream(opened), 0;
+      if (ended) {
+        // Opened after the round trip gave up: nothing may keep it open.
+        endStream(opened);
+        return 0;
+      }
       stream = opened;
       return await new Promise<number>((resolve, reject) => {
         opened.on("data", (response) => resolve(Number(response.TTL)));
