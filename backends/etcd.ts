@@ -153,9 +153,13 @@ function translate(error: unknown, action: string, username: string, password: s
       { cause },
     );
   }
+  if (error instanceof DeadlineError) {
+    return new LockConnectionError(`${action}: ${cause.message}`, { cause });
+  }
+  // The circuit breaker of a client the caller owns (New()'s clients have none).
+  const broken = (error as { isBrokenCircuitError?: boolean } | undefined)?.isBrokenCircuitError;
   if (
-    error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError ||
-    error instanceof DeadlineError
+    error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError || broken
   ) {
     return new LockConnectionError(`${action}: etcd is unreachable: ${cause.message}`, { cause });
   }
@@ -178,10 +182,10 @@ function prefixEnd(prefix: Buffer): Buffer {
   return Buffer.from([0]);
 }
 
-/** A request that got no answer in time; it may still be applied on the server. */
+/** A request that got no answer, or no slot to be sent in, within its deadline. */
 class DeadlineError extends Error {
-  constructor(ms: number) {
-    super(`no answer within ${ms} ms`);
+  constructor(message: string) {
+    super(message);
     this.name = "DeadlineError";
   }
 }
@@ -225,7 +229,11 @@ class Slots {
       };
       const timer = setTimeout(() => {
         this.#waiting.splice(this.#waiting.indexOf(waiter), 1);
-        reject(new DeadlineError(within));
+        reject(
+          new DeadlineError(
+            `etcd is busy: ${MAX_IN_FLIGHT} requests of this client were in flight for ${within} ms`,
+          ),
+        );
       }, Math.max(0, deadline - performance.now()));
       this.#waiting.push(waiter);
     });
@@ -331,7 +339,10 @@ class Calls {
     let stream: Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>> | undefined;
     let ended = false;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new DeadlineError(within)), within);
+      timer = setTimeout(
+        () => reject(new DeadlineError(`etcd is unreachable: no answer within ${within} ms`)),
+        within,
+      );
     });
     const reply = (async () => {
       const opened = await this.client.leaseClient.leaseKeepAlive();
