@@ -302,3 +302,32 @@ describe("etcd: close() when etcd refuses to revoke the session lease", {
     assert.match(cluster.etcdctl(["get", `/other${name}`], root), /x/);
   });
 });
+
+// grpc-js leaves unref'd reconnect timers behind the channel to the dead
+// member (see etcd_test.ts); they do not hold the process.
+describe("etcd: a three-member cluster with one member down", {
+  sanitizeOps: false,
+  sanitizeResources: false,
+}, () => {
+  let cluster: EtcdCluster;
+  before(async () => {
+    cluster = await EtcdCluster.start({ members: 3 });
+  });
+  after(async () => {
+    await cluster.stop();
+  });
+
+  it("serves every tryLock through the members that are up, npm:etcd3's retry being off", async () => {
+    const name = prefix("member-down");
+    const locker = New({ endpoints: cluster.endpoints });
+    await (await locker.lock(`${name}/warm`)).release();
+    await cluster.killMember(cluster.leader() === 0 ? 1 : 0);
+    // Each request picks a member at random: about one in three meets the dead one first.
+    const results = await Promise.allSettled(
+      Array.from({ length: 60 }, (_, i) => locker.tryLock(`${name}/${i}`, { timeout: 10_000 })),
+    );
+    const rejected = results.filter((r) => r.status === "rejected");
+    assert.deepEqual(rejected, [], `${rejected.length} of 60 tryLocks rejected`);
+    await locker.close();
+  });
+});
