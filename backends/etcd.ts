@@ -370,6 +370,14 @@ class Calls {
   }
 }
 
+/** A key a session must still delete (see `Session.orphan`). */
+interface Orphan {
+  revision?: string;
+  unknown: boolean;
+  misses: number;
+  used: boolean;
+}
+
 /**
  * A lease that keys hang off: one per locker while `autoRenew` (Go's
  * `concurrency.Session`), one per acquisition otherwise.
@@ -392,12 +400,12 @@ class Session {
   #revoked?: Promise<void>;
   /**
    * Keys to delete, retried before each keepalive: a fenced delete that
-   * failed (`revision` known), or a put given up on that etcd may still apply
-   * (`revision` undefined: whatever key of ours is there once no acquisition
-   * uses it; `misses` counts answered reads that found none; `used` tells a
-   * cleanup that an acquisition began while it read).
+   * failed (`revision`), and/or a put given up on that etcd may still apply
+   * (`unknown`: whatever key of ours is there once no acquisition uses it;
+   * `misses` counts answered reads that found none; `used` tells a cleanup
+   * that an acquisition began while it read).
    */
-  readonly #orphans = new Map<string, { revision?: string; misses: number; used: boolean }>();
+  readonly #orphans = new Map<string, Orphan>();
   /** Keys an acquisition or a held lock of this session uses now. */
   readonly #busy = new Set<string>();
 
@@ -458,11 +466,17 @@ class Session {
    * `createRevision`, or, without it, a put whose fate is unknown.
    */
   orphan(key: string, createRevision?: string) {
-    const known = this.#orphans.get(key);
-    // A known revision is never traded for an unknown one: both get deleted
-    // in turn, the known one first.
-    if (createRevision === undefined && known?.revision !== undefined) return;
-    this.#orphans.set(key, { revision: createRevision, misses: 0, used: false });
+    const orphan = this.#orphans.get(key);
+    if (orphan === undefined) {
+      const unknown = createRevision === undefined;
+      this.#orphans.set(key, { revision: createRevision, unknown, misses: 0, used: false });
+      return;
+    }
+    // Two to take back on one key: the fenced delete goes first, then the
+    // read-and-delete pass takes whichever is left.
+    orphan.revision ??= createRevision;
+    if (createRevision !== orphan.revision) orphan.unknown = true;
+    orphan.misses = 0;
   }
 
   /** Marks `key` as used by an acquisition or a held lock; returns the undo. */
@@ -505,8 +519,11 @@ class Session {
       try {
         if (orphan.revision !== undefined) {
           await fencedDelete(this.#calls, key, orphan.revision);
-          this.#orphans.delete(key);
-          continue;
+          orphan.revision = undefined;
+          if (!orphan.unknown) {
+            this.#orphans.delete(key);
+            continue;
+          }
         }
         if (this.#busy.has(key)) continue; // that acquisition deals with a stale key itself
         orphan.used = false;
