@@ -248,6 +248,9 @@ function transient(error: unknown): boolean {
   if (error instanceof GRPCResourceExhastedError || error instanceof GRPCUnavailableError) {
     return true;
   }
+  // A stream's error comes raw from grpc-js: UNAVAILABLE (14), RESOURCE_EXHAUSTED (8).
+  const code = (error as { code?: unknown } | undefined)?.code;
+  if (code === 14 || code === 8) return true;
   return /too many requests/i.test(String((error as Error | undefined)?.message));
 }
 
@@ -256,23 +259,24 @@ function sleep(ms: number): Promise<void> {
 }
 
 /**
- * The client calls the protocol makes. Each is bounded by the deadline of
- * the call that needs it (by default the connection's `dialTimeout`), waits
- * for one of the client's slots, and is retried, with backoff and only
- * within that deadline, when etcd refused it without acting on it (overload,
- * a member down): npm:etcd3's own retry and circuit breaker are off.
+ * The client calls the protocol makes. Each request is bounded by
+ * `dialTimeout` (a caller with an earlier deadline stops waiting at its own,
+ * and what it gave up on is compensated: see `Acquisition.#put`), waits for
+ * one of the client's slots within that bound, and is retried, with backoff
+ * and only within it, when etcd refused it without acting on it (overload, a
+ * member down): npm:etcd3's own retry and circuit breaker are off.
  */
 class Calls {
   readonly client: Etcd3;
-  /** The bound of a request no caller's deadline covers, in ms. */
-  readonly timeout: number;
+  /** The bound of every request, in ms: the connection's `dialTimeout`. */
+  readonly #timeout: number;
   readonly #username: string;
   readonly #password: string;
   readonly #slots: Slots;
 
   constructor(client: Etcd3, timeout: number, username = "", password = "") {
     this.client = client;
-    this.timeout = timeout;
+    this.#timeout = timeout;
     this.#username = username;
     this.#password = password;
     let slots = slotsOf.get(client);
@@ -305,18 +309,18 @@ class Calls {
     }
   }
 
-  txn(request: Parameters<Etcd3["kv"]["txn"]>[0], within = this.timeout) {
-    return this.#send((options) => this.client.kv.txn(request, options), within);
+  txn(request: Parameters<Etcd3["kv"]["txn"]>[0]) {
+    return this.#send((options) => this.client.kv.txn(request, options), this.#timeout);
   }
 
-  range(request: IRangeRequest, within = this.timeout) {
-    return this.#send((options) => this.client.kv.range(request, options), within);
+  range(request: IRangeRequest) {
+    return this.#send((options) => this.client.kv.range(request, options), this.#timeout);
   }
 
   grant(ttlSeconds: number) {
     return this.#send(
       (options) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds, ID: 0 }, options),
-      this.timeout,
+      this.#timeout,
     );
   }
 
@@ -325,7 +329,7 @@ class Calls {
     try {
       await this.#send(
         (options) => this.client.leaseClient.leaseRevoke({ ID: id }, options),
-        this.timeout,
+        this.#timeout,
       );
     } catch (error) {
       if (error instanceof EtcdLeaseInvalidError) return;
@@ -333,8 +337,26 @@ class Calls {
     }
   }
 
-  /** One keepalive round trip within `within` ms; resolves the TTL the server now gives the lease (0: gone). */
+  /**
+   * One keepalive round trip within `within` ms; resolves the TTL the server
+   * now gives the lease (0: gone). A member that refused the stream (down,
+   * overloaded) is tried again at once, through whichever member comes up,
+   * within the same `within`: npm:etcd3 no longer keeps it out for us.
+   */
   async keepalive(id: string, within: number): Promise<number> {
+    const deadline = performance.now() + within;
+    for (let attempt = 0;; attempt++) {
+      try {
+        return await this.#keepaliveOnce(id, Math.max(1, deadline - performance.now()));
+      } catch (error) {
+        const pause = Math.random() * Math.min(250, 10 * 2 ** attempt);
+        if (!transient(error) || performance.now() + pause >= deadline) throw error;
+        await sleep(pause);
+      }
+    }
+  }
+
+  async #keepaliveOnce(id: string, within: number): Promise<number> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     let stream: Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>> | undefined;
     let ended = false;
