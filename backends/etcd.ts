@@ -47,6 +47,7 @@ import {
   EtcdLeaseInvalidError,
   EtcdPermissionDeniedError,
   GRPCDeadlineExceededError,
+  GRPCResourceExhastedError,
   GRPCUnauthenticatedError,
   GRPCUnavailableError,
   type IKeyValue,
@@ -57,6 +58,7 @@ import {
 import { type ClientRef, Connector } from "../connector.ts";
 import {
   LockAuthError,
+  LockClosedError,
   LockConnectionError,
   LockError,
   LockLostError,
@@ -70,6 +72,7 @@ import {
   type Grant,
   type Locker,
   type LockStatus,
+  settleEach,
 } from "../_locker.ts";
 import {
   type ConnectionConfig,
@@ -159,12 +162,20 @@ function translate(error: unknown, action: string, username: string, password: s
       { cause },
     );
   }
-  // npm:etcd3's circuit breaker opens after a member failed three calls in a row.
+  if (error instanceof DeadlineError) {
+    return new LockConnectionError(`${action}: ${cause.message}`, { cause });
+  }
+  // The circuit breaker of a client the caller owns (New()'s clients have none).
   const broken = (error as { isBrokenCircuitError?: boolean } | undefined)?.isBrokenCircuitError;
   if (
-    error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError || broken
+    error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError ||
+    broken || severed(error)
   ) {
     return new LockConnectionError(`${action}: etcd is unreachable: ${cause.message}`, { cause });
+  }
+  if (transient(error)) {
+    // Still refused after backing off until the call's deadline.
+    return new LockConnectionError(`${action}: etcd is overloaded: ${cause.message}`, { cause });
   }
   return new LockError(`${action}: ${cause.message}`, { cause });
 }
@@ -188,18 +199,139 @@ function isEntry(key: Buffer, prefix: Buffer): boolean {
   return key.subarray(0, prefix.length).equals(prefix);
 }
 
-/** The client calls the protocol makes, each with the connection's deadline. */
+/** A request that got no answer, or no slot to be sent in, within its deadline. */
+class DeadlineError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "DeadlineError";
+  }
+}
+
+/**
+ * How many unary requests one client keeps in flight. etcd refuses requests
+ * ("too many requests") once applied entries lag committed ones by 5,000: a
+ * burst of thousands from one process must queue here, not there.
+ */
+const MAX_IN_FLIGHT = 512;
+
+/** A counting semaphore whose waits end at a deadline. */
+class Slots {
+  #free: number;
+  readonly #waiting: { grant(): void }[] = [];
+
+  constructor(size: number) {
+    this.#free = size;
+  }
+
+  /** Resolves a release function once a slot is free, or rejects at `deadline` (monotonic ms). */
+  enter(deadline: number, within: number): Promise<() => void> {
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      const next = this.#waiting.shift();
+      if (next) next.grant();
+      else this.#free++;
+    };
+    if (this.#free > 0) {
+      this.#free--;
+      return Promise.resolve(release);
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        grant: () => {
+          clearTimeout(timer);
+          resolve(release);
+        },
+      };
+      const timer = setTimeout(() => {
+        this.#waiting.splice(this.#waiting.indexOf(waiter), 1);
+        reject(
+          new DeadlineError(
+            `etcd is busy: ${MAX_IN_FLIGHT} requests of this client were in flight for ${within} ms`,
+          ),
+        );
+      }, Math.max(0, deadline - performance.now()));
+      this.#waiting.push(waiter);
+    });
+  }
+}
+
+/** One in-flight bound per client, shared by every locker on it. */
+const slotsOf = new WeakMap<object, Slots>();
+
+/**
+ * Whether a request failed in a way that sending it again is safe and may
+ * work: etcd refused it before acting on it, or the connection to a member
+ * broke mid-request (a member killed or restarting: grpc-js says INTERNAL,
+ * RST_STREAM). Every request here is safe to repeat: a put-if-absent finds
+ * its own key and starts again, deletes are fenced, reads and keepalives and
+ * revokes repeat, and a lease granted twice expires with its TTL.
+ */
+function transient(error: unknown): boolean {
+  if (error instanceof GRPCResourceExhastedError || error instanceof GRPCUnavailableError) {
+    return true;
+  }
+  if (severed(error)) return true;
+  // A stream's error comes raw from grpc-js: UNAVAILABLE (14), RESOURCE_EXHAUSTED (8).
+  const code = (error as { code?: unknown } | undefined)?.code;
+  if (code === 14 || code === 8) return true;
+  return /too many requests/i.test(String((error as Error | undefined)?.message));
+}
+
+/** A connection that broke under a request, as grpc-js reports it (code 13, INTERNAL). */
+function severed(error: unknown): boolean {
+  const text = String((error as Error | undefined)?.message);
+  return /RST_STREAM|socket has been ended|ECONNRESET|EPIPE|Connection dropped/i.test(text) &&
+    ((error as { code?: unknown } | undefined)?.code === 13 || /^13 INTERNAL/.test(text) ||
+      (error as Error | undefined)?.name === "GRPCInternalError");
+}
+
+/** Waits `ms`, or less if `stop` aborts first. */
+function sleep(ms: number, stop: AbortSignal): Promise<void> {
+  if (stop.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      stop.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    stop.addEventListener("abort", done, { once: true });
+  });
+}
+
+/**
+ * The client calls the protocol makes. Each request is bounded by
+ * `dialTimeout` (a caller with an earlier deadline stops waiting at its own,
+ * and what it gave up on is compensated: see `Acquisition.#put`), waits for
+ * one of the client's slots within that bound, and is retried, with backoff
+ * and only within it, when etcd refused it without acting on it (overload, a
+ * member down): npm:etcd3's own retry and circuit breaker are off.
+ */
 class Calls {
   readonly client: Etcd3;
+  /** The bound of every request, in ms: the connection's `dialTimeout`. */
   readonly #timeout: number;
   readonly #username: string;
   readonly #password: string;
+  readonly #slots: Slots;
+  /** Aborted by the driver's close(): no request is retried after it. */
+  readonly #stopped = new AbortController();
 
   constructor(client: Etcd3, timeout: number, username = "", password = "") {
     this.client = client;
     this.#timeout = timeout;
     this.#username = username;
     this.#password = password;
+    let slots = slotsOf.get(client);
+    if (slots === undefined) slotsOf.set(client, slots = new Slots(MAX_IN_FLIGHT));
+    this.#slots = slots;
+  }
+
+  /** Retries nothing from now on (the driver closed): a retry would outlive close(). */
+  stop(): void {
+    this.#stopped.abort();
   }
 
   /** Wraps a failure in a typed error that names `action` and holds no secret. */
@@ -207,51 +339,117 @@ class Calls {
     return translate(error, action, this.#username, this.#password);
   }
 
-  get #options() {
-    return { deadline: new Date(Date.now() + this.#timeout) };
+  async #send<T>(send: (options: { deadline: Date }) => Promise<T>, within: number): Promise<T> {
+    const deadline = performance.now() + within;
+    const release = await this.#slots.enter(deadline, within);
+    try {
+      for (let attempt = 0;; attempt++) {
+        const left = deadline - performance.now();
+        try {
+          return await send({ deadline: new Date(Date.now() + Math.max(0, left)) });
+        } catch (error) {
+          // Full jitter, so a refused burst does not come back as one burst.
+          const pause = Math.random() * Math.min(1_000, 25 * 2 ** attempt);
+          if (!transient(error) || performance.now() + pause >= deadline) throw error;
+          await sleep(pause, this.#stopped.signal);
+          if (this.#stopped.signal.aborted) throw error;
+        }
+      }
+    } finally {
+      release();
+    }
   }
 
   txn(request: Parameters<Etcd3["kv"]["txn"]>[0]) {
-    return this.client.kv.txn(request, this.#options);
+    return this.#send((options) => this.client.kv.txn(request, options), this.#timeout);
   }
 
   range(request: IRangeRequest) {
-    return this.client.kv.range(request, this.#options);
+    return this.#send((options) => this.client.kv.range(request, options), this.#timeout);
   }
 
   grant(ttlSeconds: number) {
-    return this.client.leaseClient.leaseGrant({ TTL: ttlSeconds, ID: 0 }, this.#options);
+    return this.#send(
+      (options) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds, ID: 0 }, options),
+      this.#timeout,
+    );
   }
 
-  revoke(id: string) {
-    return this.client.leaseClient.leaseRevoke({ ID: id }, this.#options);
+  /** Revokes a lease; one that is already gone counts as revoked. */
+  async revoke(id: string): Promise<void> {
+    try {
+      await this.#send(
+        (options) => this.client.leaseClient.leaseRevoke({ ID: id }, options),
+        this.#timeout,
+      );
+    } catch (error) {
+      if (error instanceof EtcdLeaseInvalidError) return;
+      throw error;
+    }
   }
 
-  /** One keepalive round trip; resolves the TTL the server now gives the lease (0: gone). */
+  /**
+   * One keepalive round trip within `within` ms; resolves the TTL the server
+   * now gives the lease (0: gone). A member that refused the stream (down,
+   * overloaded) is tried again at once, through whichever member comes up,
+   * within the same `within`: npm:etcd3 no longer keeps it out for us.
+   */
   async keepalive(id: string, within: number): Promise<number> {
+    const deadline = performance.now() + within;
+    for (let attempt = 0;; attempt++) {
+      try {
+        return await this.#keepaliveOnce(id, Math.max(1, deadline - performance.now()));
+      } catch (error) {
+        const pause = Math.random() * Math.min(250, 10 * 2 ** attempt);
+        if (!transient(error) || performance.now() + pause >= deadline) throw error;
+        await sleep(pause, this.#stopped.signal);
+        if (this.#stopped.signal.aborted) throw error;
+      }
+    }
+  }
+
+  async #keepaliveOnce(id: string, within: number): Promise<number> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     let stream: Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>> | undefined;
+    let ended = false;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no keepalive reply within ${within} ms`)), within);
+      timer = setTimeout(
+        () => reject(new DeadlineError(`etcd is unreachable: no answer within ${within} ms`)),
+        within,
+      );
     });
     const reply = (async () => {
-      stream = await this.client.leaseClient.leaseKeepAlive();
-      const s = stream;
+      const opened = await this.client.leaseClient.leaseKeepAlive();
+      if (ended) {
+        // Opened after the round trip gave up: nothing may keep it open.
+        endStream(opened);
+        return 0;
+      }
+      stream = opened;
       return await new Promise<number>((resolve, reject) => {
-        s.on("data", (response) => resolve(Number(response.TTL)));
-        s.on("error", reject);
-        s.on("end", () => reject(new Error("keepalive stream ended")));
-        s.write({ ID: id });
+        opened.on("data", (response) => resolve(Number(response.TTL)));
+        opened.on("error", reject);
+        opened.on("end", () => reject(new Error("keepalive stream ended")));
+        opened.write({ ID: id });
       });
     })();
     reply.catch(() => {});
     try {
       return await Promise.race([reply, timeout]);
     } finally {
+      ended = true;
       clearTimeout(timer);
       endStream(stream);
     }
   }
+}
+
+/** A key a session must still delete (see `Session.orphan`). */
+interface Orphan {
+  revision?: string;
+  unknown: boolean;
+  misses: number;
+  used: boolean;
 }
 
 /**
@@ -273,10 +471,18 @@ class Session {
   readonly #calls: Calls;
   readonly #controller = new AbortController();
   readonly #clock: LeaseClock;
-  #closed = false;
   #renewing = true;
-  /** Keys whose fenced delete failed; retried before each keepalive. */
-  readonly #orphans = new Map<string, string>();
+  #revoked?: Promise<void>;
+  /**
+   * Keys to delete, retried before each keepalive: a fenced delete that
+   * failed (`revision`), and/or a put given up on that etcd may still apply
+   * (`unknown`: whatever key of ours is there once no acquisition uses it;
+   * `misses` counts answered reads that found none; `used` tells a cleanup
+   * that an acquisition began while it read).
+   */
+  readonly #orphans = new Map<string, Orphan>();
+  /** Keys an acquisition or a held lock of this session uses now. */
+  readonly #busy = new Set<string>();
 
   private constructor(
     calls: Calls,
@@ -331,9 +537,35 @@ class Session {
     if (refresh) await this.#clock.renewNow();
   }
 
-  /** Remembers a key whose delete failed, to retry until the lease ends. */
-  orphan(key: string, createRevision: string) {
-    this.#orphans.set(key, createRevision);
+  /**
+   * Remembers a key to delete until the lease ends: the key at
+   * `createRevision`, or, without it, a put whose fate is unknown.
+   */
+  orphan(key: string, createRevision?: string) {
+    const orphan = this.#orphans.get(key);
+    if (orphan === undefined) {
+      const unknown = createRevision === undefined;
+      this.#orphans.set(key, { revision: createRevision, unknown, misses: 0, used: false });
+      return;
+    }
+    // Two to take back on one key: the fenced delete goes first, then the
+    // read-and-delete pass takes whichever is left.
+    orphan.revision ??= createRevision;
+    if (createRevision !== orphan.revision) orphan.unknown = true;
+    orphan.misses = 0;
+  }
+
+  /** Marks `key` as used by an acquisition or a held lock; returns the undo. */
+  use(key: string): () => void {
+    this.#busy.add(key);
+    const orphan = this.#orphans.get(key);
+    if (orphan) orphan.used = true;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.#busy.delete(key);
+    };
   }
 
   /**
@@ -377,9 +609,28 @@ class Session {
   }
 
   async #cleanOrphans() {
-    for (const [key, revision] of this.#orphans) {
+    for (const [key, orphan] of this.#orphans) {
       try {
-        await fencedDelete(this.#calls, key, revision);
+        if (orphan.revision !== undefined) {
+          await fencedDelete(this.#calls, key, orphan.revision);
+          orphan.revision = undefined;
+          if (!orphan.unknown) {
+            this.#orphans.delete(key);
+            continue;
+          }
+        }
+        if (this.#busy.has(key)) continue; // that acquisition deals with a stale key itself
+        orphan.used = false;
+        const response = await this.#calls.range({ key: Buffer.from(key) });
+        const kv = response.kvs[0];
+        // An acquisition that began during the read may have put the key read.
+        if (this.#busy.has(key) || orphan.used) continue;
+        if (kv === undefined) {
+          // Three answered reads that found nothing: the put was not applied.
+          if (++orphan.misses >= 3) this.#orphans.delete(key);
+          continue;
+        }
+        await fencedDelete(this.#calls, key, kv.create_revision);
         this.#orphans.delete(key);
       } catch {
         return;
@@ -387,16 +638,21 @@ class Session {
     }
   }
 
-  /** Stops the clock and revokes the lease, which deletes every key on it. */
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
-    this.#clock.lose("the session was closed");
-    try {
+  /**
+   * Stops the clock and revokes the lease, which deletes every key on it, in
+   * one request bounded by `dialTimeout`. Rejects if etcd did not confirm it.
+   * Idempotent: later calls share the first one's outcome.
+   */
+  revoke(): Promise<void> {
+    return this.#revoked ??= (async () => {
+      this.#clock.lose("the session was closed");
       await this.#calls.revoke(this.id);
-    } catch {
-      // Unreachable: the lease and its keys expire with the TTL.
-    }
+    })();
+  }
+
+  /** Like {@linkcode revoke}, but never rejects: an unconfirmed lease expires with its TTL. */
+  async close(): Promise<void> {
+    await this.revoke().catch(() => {});
   }
 }
 
@@ -502,10 +758,10 @@ class Acquisition {
    * failed, or a retried put): it is deleted and put again, so the token
    * still grows.
    */
-  async #put(): Promise<Attempt> {
+  async #put(signal: AbortSignal): Promise<Attempt> {
     const key = Buffer.from(this.#key);
     for (let i = 0;; i++) {
-      const response = await this.#calls.txn({
+      const sending = this.#calls.txn({
         compare: [{ key, target: "Create", result: "Equal", create_revision: 0 }],
         success: [
           { request_put: { key, value: EMPTY, lease: this.#session.id } },
@@ -513,6 +769,15 @@ class Acquisition {
         ],
         failure: [{ request_range: { key } }, { request_range: this.#ownerRange }],
       });
+      let response: Awaited<typeof sending>;
+      try {
+        // The caller's deadline decides when it gives up; the put itself runs
+        // on to its own bound, so its answer says what to take back.
+        response = await abortable(sending, signal);
+      } catch (error) {
+        this.#compensate(sending);
+        throw error;
+      }
       if (response.succeeded) {
         const revision = response.header.revision;
         return {
@@ -527,8 +792,24 @@ class Acquisition {
           `Cannot acquire lock ${JSON.stringify(this.#name)}: the key keeps changing`,
         );
       }
-      await fencedDelete(this.#calls, this.#key, stale.create_revision);
+      const deleting = fencedDelete(this.#calls, this.#key, stale.create_revision);
+      deleting.catch(() => this.#session.orphan(this.#key, stale.create_revision));
+      await abortable(deleting, signal);
     }
+  }
+
+  /**
+   * Takes back a put that was given up on: at its revision once its answer
+   * comes, or, if none comes (etcd may still apply it), by the session's
+   * cleanup of whatever key of ours is left once no acquisition uses it.
+   */
+  #compensate(sending: Promise<{ succeeded: boolean; header: IResponseHeader }>) {
+    sending.then(
+      (response) => {
+        if (response.succeeded) void this.#delete(response.header.revision);
+      },
+      () => this.#session.orphan(this.#key),
+    );
   }
 
   /** Runs the acquisition. Leaves nothing behind when it rejects or returns undefined. */
@@ -536,7 +817,7 @@ class Acquisition {
     wait: boolean,
     signal: AbortSignal,
   ): Promise<{ revision: string; header: IResponseHeader } | undefined> {
-    const attempt = await this.#put();
+    const attempt = await this.#put(signal);
     try {
       if (signal.aborted) throw signal.reason;
       const owner = await this.#entry(attempt.first, "Ascend", attempt.revision);
@@ -781,6 +1062,13 @@ class Acquisition {
   }
 }
 
+/** What `releaseAll()` needs of a grant: its session, and how to give it back alone. */
+interface Held {
+  session: Session;
+  key: string;
+  revision: string;
+}
+
 /** The etcd driver: sessions, acquisitions, and the client reference. */
 class EtcdDriver implements Driver {
   readonly #calls: Calls;
@@ -788,6 +1076,10 @@ class EtcdDriver implements Driver {
   readonly #onClose: () => Promise<void>;
   #shared?: Promise<Session>;
   readonly #sessions = new Set<Session>();
+  /** Grants in flight, each settled once a late one is revoked: close() waits for them. */
+  readonly #granting = new Set<Promise<unknown>>();
+  readonly #held = new WeakMap<Grant, Held>();
+  #closed = false;
   readonly #hub: WatchHub;
 
   constructor(calls: Calls, settings: LeaseSettings, onClose: () => Promise<void>) {
@@ -797,15 +1089,28 @@ class EtcdDriver implements Driver {
     this.#hub = new WatchHub(calls.client);
   }
 
-  async #grant(): Promise<Session> {
-    const session = await Session.grant(
-      this.#calls,
-      this.#settings.ttl,
-      this.#settings.retryInterval,
-    );
-    this.#sessions.add(session);
-    session.signal.addEventListener("abort", () => this.#sessions.delete(session), { once: true });
-    return session;
+  #grant(): Promise<Session> {
+    const granting = (async () => {
+      const session = await Session.grant(
+        this.#calls,
+        this.#settings.ttl,
+        this.#settings.retryInterval,
+      );
+      if (this.#closed) {
+        // close() came while etcd granted it: it must not live on, renewed.
+        await session.close();
+        throw new LockClosedError("Cannot grant an etcd lease");
+      }
+      this.#sessions.add(session);
+      session.signal.addEventListener("abort", () => this.#sessions.delete(session), {
+        once: true,
+      });
+      return session;
+    })();
+    const settled = granting.catch(() => {});
+    this.#granting.add(settled);
+    settled.then(() => this.#granting.delete(settled));
+    return granting;
   }
 
   /** The locker's session: granted on first use, granted anew once lost. */
@@ -828,6 +1133,7 @@ class EtcdDriver implements Driver {
     const action = `Cannot acquire lock ${JSON.stringify(key)}`;
     const shared = this.#settings.autoRenew;
     let session: Session | undefined;
+    let done: (() => void) | undefined;
     try {
       const granting = shared ? this.#sharedSession() : this.#grant();
       session = await abortable(granting, signal).catch((error) => {
@@ -835,8 +1141,10 @@ class EtcdDriver implements Driver {
         if (!shared) granting.then((late) => late.close(), () => {});
         throw error;
       });
-      let acquisition: Acquisition;
+      let acquisition!: Acquisition;
       let won: Awaited<ReturnType<Acquisition["run"]>>;
+      let full = `${key}/${session.hex}`;
+      done = session.use(full);
       const started = performance.now();
       for (let attempt = 0;; attempt++) {
         acquisition = new Acquisition(
@@ -854,11 +1162,15 @@ class EtcdDriver implements Driver {
           // the session lost, not this call. Once more on a new session.
           if (!(error instanceof EtcdLeaseInvalidError) || attempt > 0) throw error;
           session.lost("the lease was revoked on the server");
+          done();
           if (!shared) await session.close();
           session = await abortable(shared ? this.#sharedSession() : this.#grant(), signal);
+          full = `${key}/${session.hex}`;
+          done = session.use(full);
         }
       }
       if (won === undefined) {
+        done();
         if (!shared) await session.close();
         return undefined;
       }
@@ -868,19 +1180,28 @@ class EtcdDriver implements Driver {
         // once if waiting took a while, then let it run out.
         await own.stopRenewing(performance.now() - started > 50);
       }
-      return acquisition.hold(won.revision, won.header, async () => {
-        if (shared) {
-          try {
-            await acquisition.release(won.revision);
-          } catch (error) {
-            own.orphan(`${key}/${own.hex}`, won.revision);
-            throw this.#calls.error(error, `Cannot release lock ${JSON.stringify(key)}`);
+      const grant = acquisition.hold(won.revision, won.header, async () => {
+        try {
+          if (shared) {
+            try {
+              await acquisition.release(won.revision);
+            } catch (error) {
+              own.orphan(full, won.revision);
+              throw this.#calls.error(error, `Cannot release lock ${JSON.stringify(key)}`);
+            }
+          } else {
+            await own.close();
           }
-        } else {
-          await own.close();
+        } finally {
+          done?.();
         }
       });
+      const unused = done;
+      grant.signal.addEventListener("abort", () => unused(), { once: true });
+      this.#held.set(grant, { session: own, key: full, revision: won.revision });
+      return grant;
     } catch (error) {
+      done?.();
       if (!shared) await session?.close();
       if (signal.aborted && error === signal.reason) throw error;
       throw this.#calls.error(error, action);
@@ -891,9 +1212,49 @@ class EtcdDriver implements Driver {
     return readStatus(this.#calls, key);
   }
 
+  /**
+   * Gives back every grant at `close()`: revokes each session lease that
+   * holds keys (one request deletes every key on it); the grants of a session
+   * whose revoke etcd did not confirm are released one by one, fenced, so one
+   * failure does not keep the rest. Rejects with the first release that failed.
+   */
+  async releaseAll(grants: Grant[]): Promise<void> {
+    const bySession = new Map<Session, Held[]>();
+    for (const grant of grants) {
+      const held = this.#held.get(grant);
+      if (held === undefined) continue;
+      const same = bySession.get(held.session);
+      if (same) same.push(held);
+      else bySession.set(held.session, [held]);
+    }
+    const alone: Held[] = [];
+    await settleEach([...bySession], CLOSE_CONCURRENCY, async ([session, held]) => {
+      try {
+        await session.revoke();
+      } catch {
+        alone.push(...held);
+      }
+    });
+    const failures = await settleEach(
+      alone,
+      CLOSE_CONCURRENCY,
+      (held) => fencedDelete(this.#calls, held.key, held.revision),
+    );
+    if (failures.length > 0) {
+      throw this.#calls.error(
+        failures[0],
+        `Cannot release ${failures.length} of ${grants.length} locks`,
+      );
+    }
+  }
+
   async close(): Promise<void> {
-    await Promise.all([...this.#sessions].map((session) => session.close()));
+    this.#closed = true;
+    // A grant in flight is answered (or gives up at its deadline) and revoked first.
+    await Promise.all(this.#granting);
+    await settleEach([...this.#sessions], CLOSE_CONCURRENCY, (session) => session.close());
     await this.#hub.close();
+    this.#calls.stop();
     await this.#onClose();
   }
 }
@@ -936,6 +1297,21 @@ async function readStatus(calls: Calls, name: string): Promise<LockStatus> {
   }
 }
 
+/** How many revokes or deletes `close()` keeps in flight at once. */
+const CLOSE_CONCURRENCY = 32;
+
+type Policy = NonNullable<NonNullable<IOptions["faultHandling"]>["global"]>;
+
+/** A cockatiel policy that runs the call once, as it is: no retry, no breaker. */
+const NO_POLICY = {
+  execute: async <T>(
+    fn: (context: { signal: AbortSignal }) => PromiseLike<T> | T,
+    signal: AbortSignal = new AbortController().signal,
+  ): Promise<T> => await fn({ signal }),
+  onSuccess: () => ({ dispose() {} }),
+  onFailure: () => ({ dispose() {} }),
+} as unknown as Policy;
+
 /** The npm:etcd3 options for a connection config. */
 function clientOptions(config: ConnectionConfig): IOptions {
   const scheme = config.tls === false ? "http" : "https";
@@ -944,9 +1320,21 @@ function clientOptions(config: ConnectionConfig): IOptions {
       /^https?:\/\//.test(endpoint) ? endpoint : `${scheme}://${endpoint}`
     ),
     dialTimeout: config.dialTimeout,
+    // Retries are this library's decision, made under each call's deadline
+    // (see Calls): npm:etcd3's global retry resends what a caller gave up on,
+    // and its per-member circuit breaker shuts a member out for 5 s after
+    // three failures (a 1 s restart then loses every lock with a ttl under
+    // about 8 s) and, with auth, waits on itself when it retries a forgotten
+    // token inside its half-open trial.
+    faultHandling: { host: () => NO_POLICY, global: NO_POLICY },
   };
   if (config.username !== "" || config.password !== "") {
-    options.auth = { username: config.username, password: config.password };
+    options.auth = {
+      username: config.username,
+      password: config.password,
+      // The password-for-token exchange is bounded like a connect.
+      callOptions: () => ({ deadline: new Date(Date.now() + config.dialTimeout) }),
+    };
   }
   if (config.tls !== false && config.tls.ca !== undefined) {
     options.credentials = {
@@ -985,7 +1373,8 @@ async function connect(config: ConnectionConfig): Promise<Etcd3> {
     });
     // The cheapest call that goes through authentication.
     await Promise.race([
-      client.maintenance.status({ deadline: new Date(Date.now() + config.dialTimeout) }),
+      // A little after the timer, so the timer's plain message decides.
+      client.maintenance.status({ deadline: new Date(Date.now() + config.dialTimeout + 250) }),
       timeout,
     ]);
     return client;
