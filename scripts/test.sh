@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's whole check, as the README and CI run it: static checks, the
-# doc examples, then every test file under Deno and under Bun. Ends with one
+# doc examples, every test file under Deno and under Bun, then a short torture
+# run per backend (each counts as one test). Ends with one
 # line "N passed, N failed" (tests of both runtimes, plus each failed check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +83,20 @@ if [ -z "$bun_ok" ] && [ -z "$bun_bad" ]; then
 fi
 passed=$((passed + ${bun_ok:-0}))
 failed=$((failed + ${bun_bad:-0}))
+
+# The torture run, short, on each backend: workers in Deno and Bun processes
+# under injected faults; it exits non-zero on any violation (see torture/main.ts).
+for backend in etcd redis redlock; do
+  echo "== torture ($backend, 0.5 min)"
+  if "$bin/deno" run --allow-all torture/main.ts --backend "$backend" --minutes 0.5 2>&1 |
+    tee "$log/torture"; then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: torture ($backend)"
+    failed=$((failed + 1))
+  fi
+  summaries+=("torture $backend: $(tail -n 1 "$log/torture")")
+done
 
 echo
 printf '%s\n' "${summaries[@]}"

@@ -28,6 +28,8 @@ const { values } = parseArgs({
     minutes: { type: "string", default: "1" },
     workers: { type: "string", default: "6" },
     ttl: { type: "string", default: "3000" },
+    faults: { type: "string" }, // a comma-separated subset of the fault kinds, to chase one
+    verbose: { type: "boolean" },
   },
 });
 const backend = values.backend as BackendName;
@@ -354,7 +356,8 @@ async function main(): Promise<number> {
       !(k in holderFaults(resource, () => cluster))
     );
     const theirs = Object.keys(holderFaults(resource, () => cluster));
-    const kinds = Array.from(
+    const chosen = values.faults?.split(",");
+    const kinds = chosen ?? Array.from(
       { length: Math.max(own.length, theirs.length) * 2 },
       (_, i) => i % 2 === 0 ? theirs[(i / 2) % theirs.length] : own[((i - 1) / 2) % own.length],
     );
@@ -376,6 +379,14 @@ async function main(): Promise<number> {
         const start = clock();
         const done = await cluster.faults[kind]();
         if (done.actions > 0) faults.push({ kind, start, end: clock(), ...done });
+        if (values.verbose) {
+          const next = resource.events.find((e) => e.kind === "acquired" && e.at > start);
+          console.error(
+            `\n${kind}: ${(clock() - start).toFixed(0)} ms; first acquisition after its start: ${
+              next ? `${(next.at - start).toFixed(0)} ms` : "none yet"
+            }`,
+          );
+        }
       }
       while (clock() < deadline) await sleep(100);
     } finally {
