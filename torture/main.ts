@@ -413,6 +413,17 @@ async function main(): Promise<number> {
         `(Deno and Bun), ttl ${ttl} ms, ${minutes} min`,
     );
     for (const v of violations.slice(0, 20)) console.log(`VIOLATION: ${v.what}`);
+    if (values.verbose) {
+      // What the workers' calls failed with, most frequent first.
+      const errors = new Map<string, number>();
+      for (const e of resource.events.filter((e) => e.kind === "error")) {
+        const text = e.detail.replace(/"[^"]*"/g, '"…"').replace(/\d+(\.\d+)?/g, "N");
+        errors.set(text, (errors.get(text) ?? 0) + 1);
+      }
+      for (const [text, n] of [...errors].sort((a, b) => b[1] - a[1]).slice(0, 10)) {
+        console.log(`${n}x ${text}`);
+      }
+    }
     console.log(violations.length === 0 ? "0 violations" : `${violations.length} violations`);
     return violations.length === 0 ? 0 : 1;
   } finally {
