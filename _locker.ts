@@ -248,9 +248,16 @@ export async function settleEach<T>(
   return failures;
 }
 
-/** Resolves what `promise` resolves, or rejects with `signal.reason` first. */
+/**
+ * Resolves what `promise` resolves, or rejects with `signal.reason` first.
+ * A `promise` given up on is still observed: its later rejection must not
+ * surface as an unhandled one (Deno ends the process on those).
+ */
 export function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason);
+  if (signal.aborted) {
+    promise.catch(() => {});
+    return Promise.reject(signal.reason);
+  }
   return new Promise<T>((resolve, reject) => {
     const onAbort = () => reject(signal.reason);
     signal.addEventListener("abort", onAbort, { once: true });
