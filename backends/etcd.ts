@@ -279,6 +279,15 @@ function transient(error: unknown): boolean {
   return /too many requests/i.test(String((error as Error | undefined)?.message));
 }
 
+/** The least time one attempt of a request gets before it is sent again. */
+const ATTEMPT_FLOOR = 1_000;
+
+/** Whether a request ran out of its deadline (grpc-js: DEADLINE_EXCEEDED, code 4). */
+function isDeadline(error: unknown): boolean {
+  return error instanceof GRPCDeadlineExceededError ||
+    (error as { code?: unknown } | undefined)?.code === 4;
+}
+
 /** A connection that broke under a request, as grpc-js reports it (code 13, INTERNAL). */
 function severed(error: unknown): boolean {
   const text = String((error as Error | undefined)?.message);
@@ -344,13 +353,19 @@ class Calls {
     const release = await this.#slots.enter(deadline, within);
     try {
       for (let attempt = 0;; attempt++) {
-        const left = deadline - performance.now();
+        const left = Math.max(0, deadline - performance.now());
+        // One attempt gets a third of the call's time: a request a member
+        // holds through a leader election (etcd answers it only after its own
+        // request timeout, 5 s or more) is sent again, and lands on the new
+        // leader, rather than holding up the call and every waiter behind it.
+        const bound = Math.min(left, Math.max(ATTEMPT_FLOOR, within / 3));
         try {
-          return await send({ deadline: new Date(Date.now() + Math.max(0, left)) });
+          return await send({ deadline: new Date(Date.now() + bound) });
         } catch (error) {
+          const cutShort = bound < left && isDeadline(error);
           // Full jitter, so a refused burst does not come back as one burst.
           const pause = Math.random() * Math.min(1_000, 25 * 2 ** attempt);
-          if (!transient(error) || performance.now() + pause >= deadline) throw error;
+          if (!(transient(error) || cutShort) || performance.now() + pause >= deadline) throw error;
           await sleep(pause, this.#stopped.signal);
           if (this.#stopped.signal.aborted) throw error;
         }

@@ -86,6 +86,46 @@ describe("etcd: a 3-member cluster losing members", () => {
     await cluster.startMember(leader);
   });
 
+  it("keeps handing the lock over through a leader's restart, with no wait as long as etcd's request timeout", async () => {
+    const name = prefix("election");
+    // Each locker its own client (dialTimeout differs), as separate processes would have.
+    const lockers = [5_000, 5_001, 5_002].map((dialTimeout) =>
+      New({ endpoints: cluster.endpoints, dialTimeout })
+    );
+    let last = performance.now();
+    let longest = 0;
+    let running = true;
+    const failures: unknown[] = [];
+    const loops = lockers.map(async (locker) => {
+      while (running) {
+        try {
+          const lease = await locker.lock(name, { timeout: 10_000 });
+          longest = Math.max(longest, performance.now() - last);
+          last = performance.now();
+          await sleep(5);
+          await lease.release();
+        } catch (error) {
+          failures.push(error);
+        }
+      }
+    });
+    await sleep(1_000);
+    last = performance.now();
+    longest = 0;
+    const leader = cluster.leader();
+    await cluster.killMember(leader);
+    await sleep(1_000);
+    await cluster.startMember(leader);
+    await sleep(3_000);
+    running = false;
+    await Promise.all(loops);
+    await Promise.all(lockers.map((locker) => locker.close()));
+    assert.deepEqual(failures, []);
+    // A request a member held through the election used to hold every waiter
+    // up for its whole 5 s deadline; sent again, it is served by the new leader.
+    assert.ok(longest < 4_000, `no hand-off for ${longest.toFixed(0)} ms around the election`);
+  });
+
   it("aborts the holder's signal by its deadline when quorum is lost; the waiter acquires once it is back", async () => {
     const name = prefix("quorum");
     const holder = New({ endpoints: cluster.endpoints, ttl: 2_000 });
