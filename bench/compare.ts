@@ -28,6 +28,7 @@ const HELP = `bench/compare.ts: @genesis/lock beside its peers and the raw-clien
   --scale-locks N            locks held in the scale run (10000)
   --scale-seconds N          how long they are held (60)
   --scale-cycles N           acquire+release cycles of the heap-growth check (100000)
+  --rounds N                 measure each contender N times, interleaved; report the median (1)
   --unpinned                 do not pin to one CPU (pinned with taskset -apc 0 when available)
   --smoke                    say at the top of BENCHMARKS.md that these are not measured figures
   --out FILE                 where to write the report (BENCHMARKS.md; the chart beside it)
@@ -51,6 +52,7 @@ interface Args {
   scaleLocks: number;
   scaleSeconds: number;
   scaleCycles: number;
+  rounds: number;
   pinned: boolean;
   smoke: boolean;
   out: string;
@@ -84,6 +86,7 @@ function parseArgs(argv: string[]): Args {
     scaleLocks: number("--scale-locks", 10_000),
     scaleSeconds: number("--scale-seconds", 60),
     scaleCycles: number("--scale-cycles", 100_000),
+    rounds: Math.round(number("--rounds", 1)),
     pinned: !argv.includes("--unpinned"),
     smoke: argv.includes("--smoke"),
     out: value("--out", join(root, "BENCHMARKS.md")),
@@ -186,6 +189,8 @@ interface Step {
 /** One measured row: a contender in a scenario under a runtime. */
 interface Row {
   data?: DataDir;
+  /** The headline figure of every round, ascending, when there were several. */
+  rounds?: number[];
   backend: BenchBackend;
   runtime: string;
   scenario: Scenario;
@@ -381,8 +386,12 @@ async function main(): Promise<void> {
     for (const runtime of args.runtimes) {
       for (const scenario of args.scenarios) {
         const names = scenario === "scale" ? ["ours"] : CONTENDERS[backend];
-        for (const contender of names) {
-          plan.push({ backend, runtime, scenario, contender, data: "disk" });
+        // Rounds interleave the contenders, so a drift in the machine hits them all alike.
+        const rounds = scenario === "scale" ? 1 : args.rounds;
+        for (let round = 0; round < rounds; round++) {
+          for (const contender of names) {
+            plan.push({ backend, runtime, scenario, contender, data: "disk" });
+          }
         }
       }
     }
@@ -448,15 +457,32 @@ async function main(): Promise<void> {
   }
   if (process.stderr.isTTY) process.stderr.write("\n");
 
-  const report = renderReport(args, rows, serverVersions, pinning, failures);
+  const report = renderReport(args, medians(rows), serverVersions, pinning, failures);
+  const svg = args.out.replace(/\.md$/, "") + ".svg";
   writeFileSync(args.out, report.markdown);
-  writeFileSync(args.out.replace(/\.md$/, "") + ".svg", report.svg);
+  writeFileSync(svg, report.svg);
+  // The repository's `deno fmt --check` covers Markdown and SVG: write them formatted.
+  spawnSync(runtimeCommand("deno")[0], ["fmt", "--quiet", args.out, svg], { stdio: "ignore" });
   console.log(report.markdown);
   console.error(`wrote ${args.out} and its chart`);
 }
 
 // ---------------------------------------------------------------------------
 // The report.
+
+/** One row per measurement, the median of its rounds, with every round's figure kept. */
+function medians(rows: Row[]): Row[] {
+  const groups = new Map<string, Row[]>();
+  for (const r of rows) {
+    const key = [r.backend, r.data, r.runtime, r.scenario, r.contender].join("/");
+    groups.set(key, [...(groups.get(key) ?? []), r]);
+  }
+  return [...groups.values()].map((group) => {
+    const sorted = [...group].sort((a, b) => headline(a) - headline(b));
+    const median = sorted[Math.floor((sorted.length - 1) / 2)];
+    return { ...median, rounds: sorted.map(headline) };
+  });
+}
 
 /**
  * The figure a row is compared by: cycles/s, or under contention hand-offs/s
@@ -519,7 +545,12 @@ function renderReport(
       `redis-semaphore ${packageVersion("redis-semaphore")}, @sesamecare-oss/redlock ` +
       `${packageVersion("@sesamecare-oss/redlock")}`,
   );
-  line(`- Window: ${args.seconds} s per measurement; scale run ${args.scaleSeconds} s`);
+  line(
+    `- Window: ${args.seconds} s per measurement; scale run ${args.scaleSeconds} s; ` +
+      (args.rounds > 1
+        ? `${args.rounds} rounds, contenders interleaved, each row the median round`
+        : "one round"),
+  );
   line();
   line("## How to reproduce");
   line();
@@ -557,6 +588,7 @@ function renderReport(
         const head = contended
           ? ["", "acquisitions/s", "hand-offs/s", "× floor", "ours ÷ it"]
           : ["", "cycles/s", "× floor", "ours ÷ it"];
+        if (args.rounds > 1) head.push("rounds min–max");
         head.push("client CPU µs/cycle", ...serverCols);
         if (contended) {
           head.push("to other worker", "to other process", "wait p50 / p99 ms");
@@ -570,6 +602,12 @@ function renderReport(
           cells.push(
             fmt(headline(r) / floor, 2),
             r.contender === "ours" ? "" : fmt(ours / headline(r), 2),
+          );
+          if (args.rounds > 1) {
+            const all = r.rounds ?? [];
+            cells.push(`${fmt(all[0] ?? NaN)}–${fmt(all[all.length - 1] ?? NaN)}`);
+          }
+          cells.push(
             fmt(r.cpuUsPerCycle),
             fmt(r.server.cpuUs ?? NaN),
           );
@@ -761,7 +799,7 @@ function chart(rows: Row[], args: Args): string {
   const parts: string[] = [];
   let y = 30;
   parts.push(
-    `<text x="10" y="18" font-weight="bold">Rate as a multiple of the raw-client floor (1.0 = floor)${
+    `<text x="10" y="18" font-weight="bold">Cycles/s (hand-offs/s on one key) as a multiple of the raw-client floor${
       args.smoke || args.seconds < 5 ? " · SMOKE RUN, not measured figures" : ""
     }</text>`,
   );
@@ -779,7 +817,9 @@ function chart(rows: Row[], args: Args): string {
       parts.push(
         `<rect x="${left}" y="${y}" width="${w.toFixed(1)}" height="${barHeight}" fill="${fill}"/>`,
       );
-      parts.push(`<text x="${left + w + 4}" y="${y + 12}">${b.ratio.toFixed(2)}×</text>`);
+      parts.push(
+        `<text x="${(left + w + 4).toFixed(1)}" y="${y + 12}">${b.ratio.toFixed(2)}×</text>`,
+      );
       y += barHeight + gap;
     }
   }
