@@ -6,18 +6,20 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import process from "node:process";
 import { Etcd3 } from "etcd3";
-import { Redis } from "ioredis";
+import { Cluster, Redis } from "ioredis";
 import { type Locker, New } from "../mod.ts";
+import { createRedisLocker } from "../backends/redis.ts";
 import { type BenchBackend, type Held, keyOf, open } from "./_contenders.ts";
 
 /** The scenarios, as compare.ts names them on the command line. */
-export type Scenario = "single" | "keys64" | "one-key-8" | "procs" | "scale";
+export type Scenario = "single" | "keys64" | "one-key-8" | "procs" | "saturate" | "scale";
 
 /** What the parent tells a child. */
 export interface Job {
   backend: BenchBackend;
   contender: string;
   scenario: Scenario;
+  /** `host:port`; for a Redis Cluster (scale run only), its masters, comma-separated. */
   endpoint: string;
   /** Window length, ms. */
   ms: number;
@@ -75,6 +77,17 @@ async function heapAfterGc(): Promise<number> {
 
 /** Reads the counters a cycle costs the server: its CPU, and its calls, commits and fsyncs. */
 export async function readCounters(backend: BenchBackend, endpoint: string): Promise<Counters> {
+  if (endpoint.includes(",")) {
+    // A cluster: every node's counters summed, and each node's scripts apart.
+    const nodes = endpoint.split(",");
+    const each = await Promise.all(nodes.map((node) => readCounters(backend, node)));
+    const sum: Counters = {};
+    for (const [i, c] of each.entries()) {
+      for (const [k, v] of Object.entries(c)) sum[k] = (sum[k] ?? 0) + v;
+      sum[`scripts_node${i}`] = c.scripts;
+    }
+    return sum;
+  }
   if (backend === "redis") {
     const [host, port] = endpoint.split(":");
     const redis = new Redis({ host, port: Number(port), lazyConnect: true });
@@ -228,19 +241,26 @@ async function runScale(job: Job): Promise<Outcome> {
   const result: Record<string, number | string> = {};
   const options = { backend: job.backend, endpoints: [job.endpoint], ttl: scale.ttl };
 
-  // Reuse: lockers with one config share one client, so one connection.
-  const idle = serverConnections(job.endpoint);
-  const lockers: Locker[] = Array.from({ length: scale.lockers }, () => New(options));
-  await Promise.all(lockers.map(async (l, i) => {
-    const lease = await l.tryLock(keyOf("ours", `${job.run}/reuse/${i}`));
-    await lease?.release();
-  }));
-  result.lockers = scale.lockers;
-  result.connectionsOpened = serverConnections(job.endpoint) - idle;
-  await Promise.all(lockers.map((l) => l.close()));
+  const nodes = job.endpoint.split(",");
+  const cluster = nodes.length > 1
+    ? new Cluster(nodes.map((n) => ({ host: n.split(":")[0], port: Number(n.split(":")[1]) })))
+    : undefined;
+  if (!cluster) {
+    // Reuse: lockers with one config share one client, so one connection.
+    const idle = serverConnections(job.endpoint);
+    const lockers: Locker[] = Array.from({ length: scale.lockers }, () => New(options));
+    await Promise.all(lockers.map(async (l, i) => {
+      const lease = await l.tryLock(keyOf("ours", `${job.run}/reuse/${i}`));
+      await lease?.release();
+    }));
+    result.lockers = scale.lockers;
+    result.connectionsOpened = serverConnections(job.endpoint) - idle;
+    await Promise.all(lockers.map((l) => l.close()));
+  }
 
   // Heap over cycles: a full GC before and after; growth per cycle should be ~0.
-  const locker = New(options);
+  // On a cluster the locker is on a Cluster client of our own, as a user would pass it.
+  const locker = cluster ? createRedisLocker(cluster, { ttl: scale.ttl }) : New(options);
   const cycleKey = keyOf("ours", `${job.run}/cycles`);
   await (await locker.lock(cycleKey)).release();
   const heap0 = await heapAfterGc();
@@ -285,11 +305,19 @@ async function runScale(job: Job): Promise<Outcome> {
     ? closed.scripts - closing.scripts
     : closed.txns + closed.revokes - closing.txns - closing.revokes;
   result.keysLeftAfterClose = await countKeys(job, keyOf("ours", prefix));
+  cluster?.disconnect();
   return { perWorker: [], cpuMs: 0, before, after, scale: result };
 }
 
 /** How many lock keys under `prefix` are still on the server. */
 async function countKeys(job: Job, prefix: string): Promise<number> {
+  if (job.backend === "redis" && job.endpoint.includes(",")) {
+    let count = 0;
+    for (const node of job.endpoint.split(",")) {
+      count += await countKeys({ ...job, endpoint: node }, prefix);
+    }
+    return count;
+  }
   if (job.backend === "redis") {
     const [host, port] = job.endpoint.split(":");
     const redis = new Redis({ host, port: Number(port) });

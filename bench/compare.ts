@@ -15,7 +15,7 @@ import { cpus, release, tmpdir, totalmem } from "node:os";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import process from "node:process";
-import { EtcdCluster, RedisServer } from "../tests/_servers.ts";
+import { EtcdCluster, RedisClusterServers, RedisServer } from "../tests/_servers.ts";
 import { type BenchBackend, CONTENDERS, LABELS } from "./_contenders.ts";
 import { type Counters, type Job, type Outcome, runJob, type Scenario } from "./_workload.ts";
 
@@ -24,7 +24,7 @@ const HELP = `bench/compare.ts: @genesis/lock beside its peers and the raw-clien
   --backend redis|etcd|all   backends to run (all)
   --runtimes deno,bun        runtimes the measuring processes use (deno,bun)
   --seconds N                window of each measurement (10)
-  --scenarios LIST           single,keys64,one-key-8,procs,scale (all)
+  --scenarios LIST           single,keys64,one-key-8,procs,saturate,scale (all)
   --scale-locks N            locks held in the scale run (10000)
   --scale-seconds N          how long they are held (60)
   --scale-cycles N           acquire+release cycles of the heap-growth check (100000)
@@ -76,7 +76,7 @@ function parseArgs(argv: string[]): Args {
   for (const r of runtimes) {
     if (r !== "deno" && r !== "bun") throw new RangeError(`Unknown runtime "${r}"`);
   }
-  const scenarios = value("--scenarios", "single,keys64,one-key-8,procs,scale").split(",");
+  const scenarios = value("--scenarios", "single,keys64,one-key-8,procs,saturate,scale").split(",");
   for (const s of scenarios) if (!(s in SCENARIOS)) throw new RangeError(`Unknown scenario "${s}"`);
   return {
     backends: backend === "all" ? ["redis", "etcd"] : [backend as BenchBackend],
@@ -99,6 +99,11 @@ const SCENARIOS: Record<Scenario, { title: string; processes: number; workers: n
   keys64: { title: "64 workers on 64 keys, one process", processes: 1, workers: 64 },
   "one-key-8": { title: "8 workers on 1 key, one process", processes: 1, workers: 8 },
   procs: { title: "4 processes × 2 workers on 1 key", processes: 4, workers: 2 },
+  saturate: {
+    title: "4 processes × 64 workers on 256 keys (the server's capacity)",
+    processes: 4,
+    workers: 64,
+  },
   scale: { title: "scale: many held locks", processes: 1, workers: 1 },
 };
 
@@ -292,6 +297,12 @@ async function measure(
       ? after.scripts - before.scripts
       : after.keepaliveMessages - before.keepaliveMessages;
     s.renewalCallsPerPass = renewals / passes;
+    const perNode = Object.keys(after).filter((k) => k.startsWith("scripts_node"));
+    if (perNode.length > 0) {
+      s.nodes = perNode.length;
+      s.renewalCallsPerNodePerPassMax = Math.max(...perNode.map((k) => after[k] - before[k])) /
+        passes;
+    }
     s.renewalCallsPerLockPerSecond = renewals / heldSeconds / Number(s.locks);
     if (backend === "etcd") {
       s.keepaliveStreamsOpened = after.keepaliveStreams - before.keepaliveStreams;
@@ -329,8 +340,12 @@ async function measure(
   return row;
 }
 
-/** Where etcd keeps its data: the temporary folder's disk, or tmpfs (/dev/shm). */
-type DataDir = "disk" | "tmpfs";
+/**
+ * Which server a step runs on: the default one (etcd's data on the temporary
+ * folder's disk), etcd with its data on tmpfs (/dev/shm), or a Redis Cluster
+ * of three masters.
+ */
+type DataDir = "disk" | "tmpfs" | "cluster";
 
 async function startServer(
   backend: BenchBackend,
@@ -338,6 +353,15 @@ async function startServer(
   taskset: boolean,
   data: DataDir,
 ) {
+  if (backend === "redis" && data === "cluster") {
+    const cluster = await RedisClusterServers.start();
+    for (const s of cluster.servers) if (taskset && s.child) pin(s.child.pid, pinned);
+    return {
+      endpoint: cluster.servers.map((s) => s.endpoint).join(","),
+      version: version("redis-server", ["--version"]),
+      stop: () => cluster.stop(),
+    };
+  }
   if (backend === "redis") {
     const server = await RedisServer.start();
     if (taskset) pin(server.child!.pid, pinned);
@@ -385,7 +409,12 @@ async function main(): Promise<void> {
   for (const backend of args.backends) {
     for (const runtime of args.runtimes) {
       for (const scenario of args.scenarios) {
-        const names = scenario === "scale" ? ["ours"] : CONTENDERS[backend];
+        // Scale is about our locker; saturation about the server, which the floor bounds.
+        const names: readonly string[] = scenario === "scale"
+          ? ["ours"]
+          : scenario === "saturate"
+          ? ["floor", "ours"]
+          : CONTENDERS[backend];
         // Rounds interleave the contenders, so a drift in the machine hits them all alike.
         const rounds = scenario === "scale" ? 1 : args.rounds;
         for (let round = 0; round < rounds; round++) {
@@ -396,9 +425,20 @@ async function main(): Promise<void> {
       }
     }
   }
+  // Renewal batching on a Redis Cluster: one round trip per node per pass is the target.
+  if (args.backends.includes("redis") && args.scenarios.includes("scale")) {
+    plan.push({
+      backend: "redis",
+      runtime: args.runtimes[0],
+      scenario: "scale",
+      contender: "ours",
+      data: "cluster",
+    });
+  }
   // For the capacity model: etcd's cost per cycle again with its data on tmpfs.
   if (args.backends.includes("etcd") && existsSync("/dev/shm")) {
-    for (const scenario of args.scenarios.filter((s) => s === "single" || s === "keys64")) {
+    const uncontended: Scenario[] = ["single", "keys64", "saturate"];
+    for (const scenario of args.scenarios.filter((s) => uncontended.includes(s))) {
       for (const contender of ["floor", "ours"]) {
         plan.push({
           backend: "etcd",
@@ -425,7 +465,7 @@ async function main(): Promise<void> {
       try {
         for (const step of plan.filter((p) => `${p.backend}/${p.data}` === which)) {
           progress(
-            `${step.backend}${data === "tmpfs" ? " (data on tmpfs)" : ""} ${step.runtime} ` +
+            `${step.backend}${data === "disk" ? "" : ` (${data})`} ${step.runtime} ` +
               `${step.scenario}: ${LABELS[step.contender]}`,
           );
           try {
@@ -569,7 +609,7 @@ function renderReport(
   for (const backend of args.backends) {
     for (const runtime of args.runtimes) {
       const mine = rows.filter((r) =>
-        r.backend === backend && r.runtime === runtime && r.data !== "tmpfs"
+        r.backend === backend && r.runtime === runtime && r.data === "disk"
       );
       if (mine.length === 0) continue;
       line(`## ${backend === "redis" ? "Redis" : "etcd"}, ${runtime === "deno" ? "Deno" : "Bun"}`);
@@ -632,48 +672,20 @@ function renderReport(
       if (scale) {
         line(`### Scale: @genesis/lock holding ${fmt(Number(scale.locks))} locks`);
         line();
-        line("| measure | value |");
-        line("| --- | ---: |");
-        const rowOf = (name: string, value: string) => line(`| ${name} | ${value} |`);
-        rowOf(
-          `server connections for ${fmt(Number(scale.lockers))} \`New()\` with one config`,
-          fmt(Number(scale.connectionsOpened)),
-        );
-        rowOf(
-          `heap growth per cycle over ${fmt(Number(scale.cycles))} cycles (after a full GC)`,
-          `${fmt(Number(scale.heapGrowthBytesPerCycle), 2)} B`,
-        );
-        rowOf(
-          "heap per held lock (after a full GC)",
-          `${fmt(Number(scale.heapBytesPerHeldLock))} B`,
-        );
-        rowOf("heap with every lock held", `${fmt(Number(scale.heapMiBHeld), 1)} MiB`);
-        rowOf(
-          `renewal ${backend === "redis" ? "script calls" : "keepalive messages"} per pass ` +
-            `(ttl ${fmt(Number(scale.ttl))} ms, a pass every ttl/3)`,
-          fmt(Number(scale.renewalCallsPerPass), 1),
-        );
-        rowOf(
-          "renewal calls per held lock per second",
-          fmt(Number(scale.renewalCallsPerLockPerSecond), 3),
-        );
-        if (backend === "etcd") {
-          rowOf("keepalive streams opened while held", fmt(Number(scale.keepaliveStreamsOpened)));
-        }
-        rowOf("server CPU while held", `${fmt(Number(scale.serverCpuPercentWhileHeld), 1)} %`);
-        rowOf("`close()`", String(scale.close));
-        rowOf("`close()` took", `${fmt(Number(scale.closeMs))} ms`);
-        rowOf(
-          `server calls during \`close()\` (${backend === "redis" ? "scripts" : "txns + revokes"})`,
-          fmt(Number(scale.closeServerCalls)),
-        );
-        rowOf(
-          "lock keys left on the server after `close()`",
-          fmt(Number(scale.keysLeftAfterClose)),
-        );
-        line();
+        out.push(...scaleTable(backend, scale));
       }
     }
+  }
+  for (const r of rows.filter((r) => r.data === "cluster" && r.scale)) {
+    line(`## Scale on a Redis Cluster of three masters (${r.runtime === "deno" ? "Deno" : "Bun"})`);
+    line();
+    line(
+      `@genesis/lock on an ioredis \`Cluster\` (\`createRedisLocker\`), holding ` +
+        `${fmt(Number(r.scale!.locks))} locks spread over the slots; the target is at most one ` +
+        "round trip per node per renewal pass.",
+    );
+    line();
+    out.push(...scaleTable("redis", r.scale!));
   }
   if (failures.length > 0) {
     line("## Measurements that failed");
@@ -684,6 +696,52 @@ function renderReport(
   line(capacityModel(rows));
   line(BOUNDS);
   return { markdown: out.join("\n"), svg: chart(rows, args) };
+}
+
+/** The scale run's figures, as Markdown table lines. */
+function scaleTable(backend: BenchBackend, scale: Record<string, number | string>): string[] {
+  const out = ["| measure | value |", "| --- | ---: |"];
+  const rowOf = (name: string, value: string) => out.push(`| ${name} | ${value} |`);
+  if (scale.lockers !== undefined) {
+    rowOf(
+      `server connections for ${fmt(Number(scale.lockers))} \`New()\` with one config`,
+      fmt(Number(scale.connectionsOpened)),
+    );
+  }
+  rowOf(
+    `heap growth per cycle over ${fmt(Number(scale.cycles))} cycles (after a full GC)`,
+    `${fmt(Number(scale.heapGrowthBytesPerCycle), 2)} B`,
+  );
+  rowOf("heap per held lock (after a full GC)", `${fmt(Number(scale.heapBytesPerHeldLock))} B`);
+  rowOf("heap with every lock held", `${fmt(Number(scale.heapMiBHeld), 1)} MiB`);
+  rowOf(
+    `renewal ${backend === "redis" ? "script calls" : "keepalive messages"} per pass ` +
+      `(ttl ${fmt(Number(scale.ttl))} ms, a pass every ttl/3)`,
+    fmt(Number(scale.renewalCallsPerPass), 1),
+  );
+  if (scale.nodes !== undefined) {
+    rowOf(
+      `renewal script calls per pass on the busiest of ${scale.nodes} nodes`,
+      fmt(Number(scale.renewalCallsPerNodePerPassMax), 1),
+    );
+  }
+  rowOf(
+    "renewal calls per held lock per second",
+    fmt(Number(scale.renewalCallsPerLockPerSecond), 3),
+  );
+  if (backend === "etcd") {
+    rowOf("keepalive streams opened while held", fmt(Number(scale.keepaliveStreamsOpened)));
+  }
+  rowOf("server CPU while held", `${fmt(Number(scale.serverCpuPercentWhileHeld), 1)} %`);
+  rowOf("`close()`", String(scale.close));
+  rowOf("`close()` took", `${fmt(Number(scale.closeMs))} ms`);
+  rowOf(
+    `server calls during \`close()\` (${backend === "redis" ? "scripts" : "txns + revokes"})`,
+    fmt(Number(scale.closeServerCalls)),
+  );
+  rowOf("lock keys left on the server after `close()`", fmt(Number(scale.keysLeftAfterClose)));
+  out.push("");
+  return out;
 }
 
 function capacityModel(rows: Row[]): string {
@@ -705,12 +763,12 @@ function capacityModel(rows: Row[]): string {
     "",
   );
   out.push(
-    "| backend | data | runtime | scenario | contender | cycles/s | server CPU µs/cycle | " +
-      "CPU ceiling cycles/s | per cycle |",
+    "| backend | data | runtime | scenario | contender | cycles/s | server CPU busy | " +
+      "server CPU µs/cycle | CPU ceiling cycles/s | per cycle |",
   );
-  out.push("| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |");
+  out.push("| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |");
   for (const r of rows) {
-    if (r.scenario !== "single" && r.scenario !== "keys64") continue;
+    if (!["single", "keys64", "saturate"].includes(r.scenario)) continue;
     if (r.contender !== "floor" && r.contender !== "ours") continue;
     const cpu = r.server.cpuUs ?? NaN;
     const per = r.backend === "redis"
@@ -718,11 +776,13 @@ function capacityModel(rows: Row[]): string {
       : `${fmt(r.server.commits ?? NaN, 2)} commits, ${fmt(r.server.fsyncs ?? NaN, 2)} fsyncs`;
     out.push(
       `| ${r.backend} | ${r.backend === "etcd" ? r.data : "memory"} | ${r.runtime} | ` +
-        `${r.scenario} | ${LABELS[r.contender]} | ${fmt(r.rate)} | ${fmt(cpu)} | ` +
+        `${r.scenario} | ${LABELS[r.contender]} | ${fmt(r.rate)} | ` +
+        `${fmt((cpu * r.rate) / 1e4)} % | ${fmt(cpu)} | ` +
         `${fmt(1e6 / cpu)} | ${per} |`,
     );
   }
   out.push("");
+  if (!rows.some((r) => r.backend === "etcd")) return out.join("\n");
   out.push(
     "etcd runs twice: with its data dir on the temporary folder's disk (every table above) and " +
       "on tmpfs (`/dev/shm`, where an fsync costs almost nothing). The difference between the " +
@@ -766,11 +826,16 @@ const BOUNDS = `## What bounds each figure
   (npm etcd3's \`Lock\`) and a Redlock acquisition that fails after its retries are retried at once
   by the harness, as a caller that must have the lock would. redis-semaphore's \`tryAcquire\`
   sleeps its retry interval (10 ms) after a failed single attempt.
+- **4 processes × 64 workers on 256 keys**: the floor and ours only, to load the server from
+  many clients at once; *server CPU busy* in the capacity table says how close the server came
+  to one full core. Pinned, the clients share the server's core and bound it first: run it with
+  \`--unpinned\` for the server's capacity.
 - **scale**: one locker of ours holds the locks with a 3 s ttl (a renewal pass every second);
   heap is \`process.memoryUsage().heapUsed\` after a full GC (Deno with \`--expose-gc\`,
   \`Bun.gc(true)\`); renewal calls are counted by the server (Redis scripts in \`commandstats\`,
   etcd \`LeaseKeepAlive\` messages); connections are the server's established sockets
-  (\`/proc/net/tcp\`).
+  (\`/proc/net/tcp\`). On the Redis Cluster the calls are counted on every master, and the busiest
+  master's count is shown beside the total.
 `;
 
 /** A bar chart of each contender's rate as a multiple of the floor, per scenario; no dependency. */
@@ -781,7 +846,7 @@ function chart(rows: Row[], args: Args): string {
       for (const scenario of args.scenarios.filter((s) => s !== "scale")) {
         const group = rows.filter((r) =>
           r.backend === backend && r.runtime === runtime && r.scenario === scenario &&
-          r.data !== "tmpfs"
+          r.data === "disk"
         );
         const floor = headline(group.find((r) => r.contender === "floor"));
         if (!(floor > 0)) continue;
