@@ -161,7 +161,9 @@ async function child(
   let errors = "";
   proc.stderr?.on("data", (chunk) => errors = (errors + String(chunk)).slice(-4_000));
   const exited = new Promise<number | null>((resolve) => proc.on("exit", resolve));
-  // The child says READY once warmed up; the window opens when all are.
+  // The child says READY once warmed up (for the scale run: once its locks are
+  // held, which on etcd takes minutes); the window opens when all are.
+  const setUp = setTimeout(() => proc.kill("SIGKILL"), 20 * 60_000);
   let said = "";
   await new Promise<void>((resolve) => {
     proc.stdout?.on("data", (chunk) => {
@@ -170,6 +172,7 @@ async function child(
     });
     exited.then(() => resolve());
   });
+  clearTimeout(setUp);
   ready();
   proc.stdin?.write(`${await start}\n`);
   proc.stdin?.end();
@@ -597,8 +600,9 @@ function renderReport(
   line("```sh");
   line("npm ci                                  # pinned Deno and Bun, the clients and the peers");
   line("apt-get install etcd-server etcd-client redis-server   # the servers, from PATH");
-  line("npx deno task bench:compare             # everything; about an hour");
-  line("npx deno task bench:compare --unpinned  # the same, free to use every CPU");
+  line("npx deno task bench:compare             # everything, pinned to CPU 0; about an hour");
+  line("npx deno task bench:compare --unpinned --out BENCHMARKS-unpinned.md   # every CPU");
+  line("npx deno task bench:compare --rounds 3  # each row the median of 3 interleaved rounds");
   line("npx deno task bench:compare --backend redis --runtimes bun --seconds 2 --smoke");
   line("npx deno task bench                     # the deno bench groups, floor as baseline");
   line("```");
