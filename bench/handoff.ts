@@ -6,7 +6,7 @@
 //   npx deno run --allow-all bench/handoff.ts etcd [seconds per round]
 //
 // Raw floor: each worker retries its put-if-absent in a tight loop (Redis:
-// SET NX PX, then a compare-and-delete script; etcd: a transaction that puts
+// SET NX PX, then a compare-and-delete script by SHA; etcd: a transaction that puts
 // the key on a pre-granted lease if it is absent, then a delete), with no
 // sleep and no notification: the only faster hand-off is none at all.
 // @genesis/lock: lock() and release(). Under the lock each worker does a
@@ -38,7 +38,11 @@ async function store(backend: string, endpoint: string, key: string): Promise<St
   const counter = `count:${key}`;
   if (backend === "redis") {
     const [host, port] = endpoint.split(":");
-    const redis = new Redis({ host, port: Number(port) });
+    // The compare-and-delete goes by SHA (EVALSHA), as a real lock sends it.
+    const redis = new Redis({ host, port: Number(port) }) as Redis & {
+      floorRelease(key: string, token: string): Promise<number>;
+    };
+    redis.defineCommand("floorRelease", { numberOfKeys: 1, lua: COMPARE_AND_DELETE });
     let token = "";
     return {
       increment: async () => void await redis.set(counter, Number(await redis.get(counter)) + 1),
@@ -47,7 +51,7 @@ async function store(backend: string, endpoint: string, key: string): Promise<St
         token = crypto.randomUUID();
         return (await redis.set(`raw:${key}`, token, "PX", 10_000, "NX")) === "OK";
       },
-      releaseRaw: async () => void await redis.eval(COMPARE_AND_DELETE, 1, `raw:${key}`, token),
+      releaseRaw: async () => void await redis.floorRelease(`raw:${key}`, token),
       close: () => redis.disconnect(),
     };
   }
