@@ -36,7 +36,7 @@
  * @module
  */
 
-import { Redis, type RedisOptions } from "ioredis";
+import { Cluster, type ClusterOptions, Redis, type RedisOptions } from "ioredis";
 import { type ClientRef, Connector } from "../connector.ts";
 import {
   LockAuthError,
@@ -195,7 +195,7 @@ function kindOf(text: string): Kind {
   // Whole words only: a server's CROSSSLOT is no SSL error, and it never
   // heals by waiting.
   if (
-    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|EAI_AGAIN|Connection is closed|Stream isn't writeable|\bconnect|MaxRetriesPerRequest|Reached the max retries|\bsocket\b|\bTLS\b|\bSSL\b|certificate|max number of clients reached/i
+    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|EAI_AGAIN|Connection is closed|Stream isn't writeable|\bconnect|MaxRetriesPerRequest|Reached the max retries|Cluster isn't ready|Cluster is ended|None of startup nodes|Failed to refresh slots|sentinels are unreachable|\bsocket\b|\bTLS\b|\bSSL\b|certificate|max number of clients reached/i
       .test(text)
   ) {
     return "connection";
@@ -207,7 +207,8 @@ function kindOf(text: string): Kind {
  * Replies that mean "not now": a server loading its data, busy with a
  * script, or a cluster between masters.
  */
-const NOT_NOW = /^(LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN)\b/;
+const NOT_NOW =
+  /^(LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN|READONLY)\b|^Too many Cluster redirections/;
 
 /** Whether a failed attempt may succeed later without anything changing on our side. */
 function transient(error: unknown): boolean {
@@ -243,6 +244,13 @@ function translate(
   if (error instanceof LockError) return error;
   const cause = scrub(error, secrets);
   const kind = kindOf(cause.message);
+  if (kind === "other" && /^(MOVED|ASK) /.test(cause.message)) {
+    // Only a client that is not a Cluster client sees a redirection.
+    return new LockError(
+      `${action}: Redis at ${where} is a Redis Cluster node that does not serve this key (use mode "cluster"): ${cause.message}`,
+      { cause },
+    );
+  }
   return errorOf(kind, `${action}: ${PHRASES[kind](where)}: ${cause.message}`, { cause });
 }
 
@@ -264,8 +272,8 @@ interface Pending {
  * again and then wakes its waiters, since a release may have gone unheard.
  */
 class Subscriptions {
-  readonly #make: () => Redis;
-  #subscriber?: Redis;
+  readonly #make: () => Client;
+  #subscriber?: Client;
   readonly #listeners = new Map<string, Set<Listener>>();
   /** Channels nobody listens to any more, unsubscribed after a moment unless wanted again. */
   readonly #idle = new Map<string, ReturnType<typeof setTimeout>>();
@@ -278,11 +286,11 @@ class Subscriptions {
   /** Counts connections, so an answer from an old one is not taken for the current one. */
   #generation = 0;
 
-  constructor(make: () => Redis) {
+  constructor(make: () => Client) {
     this.#make = make;
   }
 
-  #connection(): Redis {
+  #connection(): Client {
     if (this.#subscriber === undefined) {
       const subscriber = this.#make();
       subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
@@ -406,10 +414,13 @@ class Subscriptions {
   }
 }
 
-/** One Redis: its client, its subscriber, and how to name it in messages. */
+/** An ioredis connection to one server (or a Sentinel's primary), or to a Redis Cluster. */
+type Client = Redis | Cluster;
+
+/** One Redis (a server, a Sentinel's primary, a Cluster): its client, its subscriber, and how to name it in messages. */
 interface Instance {
   readonly name: string;
-  readonly client: Redis;
+  readonly client: Client;
   readonly subscriptions: Subscriptions;
 }
 
@@ -1097,12 +1108,33 @@ function clientOptions(
 }
 
 /** Connects one instance and proves the credentials, within `dialTimeout`. */
-async function connectOne(config: ConnectionConfig, endpoint: string): Promise<Redis> {
+function connectOne(config: ConnectionConfig, endpoint: string): Promise<Redis> {
+  return dial(
+    config,
+    endpoint,
+    (connected) => new Redis(clientOptions(config, endpoint, connected)),
+    (client) => [client],
+    endpoint,
+  );
+}
+
+/**
+ * Connects `make`'s client and proves the credentials on every server it
+ * reaches (`servers`), within `dialTimeout`. With `probe`, a server that hung
+ * up at once is asked why.
+ */
+async function dial<C extends Client>(
+  config: ConnectionConfig,
+  where: string,
+  make: (connected: () => boolean) => C,
+  servers: (client: C) => Redis[],
+  probe?: string,
+): Promise<C> {
   let connected = false;
-  const client = new Redis(clientOptions(config, endpoint, () => connected));
+  const client = make(() => connected);
   const errors: unknown[] = [];
   client.on("error", (error) => errors.push(error));
-  const action = `Cannot connect to Redis at ${endpoint}`;
+  const action = `Cannot connect to Redis at ${where}`;
   const started = performance.now();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
@@ -1127,7 +1159,7 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
           const args = config.username !== ""
             ? [config.username, config.password]
             : [config.password];
-          await client.call("AUTH", ...args);
+          await Promise.all(servers(client).map((server) => server.call("AUTH", ...args)));
         }
       })(),
       timeout,
@@ -1140,11 +1172,63 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
     const hungUp = /Connection is closed|EPIPE|ECONNRESET/.test(String((error as Error)?.message));
     // Redis writes its reason as soon as it accepts: a second is plenty to read it.
     const probeFor = Math.min(left, 1_000);
-    const reason = hungUp && left > 0 ? await hangUpReason(config, endpoint, probeFor) : undefined;
-    throw translate(reason ?? error, action, endpoint, [config.password]);
+    const reason = probe !== undefined && hungUp && left > 0
+      ? await hangUpReason(config, probe, probeFor)
+      : undefined;
+    throw translate(reason ?? error, action, where, [config.password]);
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * A Redis Cluster client with the single server's policy: nothing queued
+ * while the cluster is not ready, nothing re-sent after its connection
+ * closed (it may have run). Redirections (MOVED, ASK) and replies that say
+ * the command did not run (TRYAGAIN, CLUSTERDOWN) are retried by ioredis;
+ * each call's own deadline still bounds them.
+ */
+function clusterClient(config: ConnectionConfig, connected: () => boolean): Cluster {
+  const {
+    host: _host,
+    port: _port,
+    retryStrategy: _retry,
+    lazyConnect: _lazy,
+    enableOfflineQueue: _queue,
+    ...redisOptions
+  } = clientOptions(config, "127.0.0.1:0", connected);
+  const options: ClusterOptions = {
+    lazyConnect: true,
+    enableOfflineQueue: false,
+    // 0: a command whose connection closed is failed, not sent again.
+    retryDelayOnFailover: 0,
+    retryDelayOnClusterDown: 100,
+    retryDelayOnTryAgain: 100,
+    slotsRefreshTimeout: Math.min(config.dialTimeout, 2_000),
+    clusterRetryStrategy: (times) => connected() ? Math.min(50 * 2 ** times, 2_000) : null,
+    // The cluster decides reconnections (clusterRetryStrategy); a node never retries alone.
+    redisOptions,
+  };
+  return new Cluster(config.endpoints.map(hostPort), options);
+}
+
+/**
+ * A client of the primary that the Sentinels at `config.endpoints` name for
+ * `config.masterName`. A primary demoted to a replica answers writes with
+ * READONLY: the client then reconnects and asks the Sentinels again.
+ */
+function sentinelClient(config: ConnectionConfig, connected: () => boolean): Redis {
+  const { host: _host, port: _port, ...options } = clientOptions(config, "127.0.0.1:0", connected);
+  return new Redis({
+    ...options,
+    sentinels: config.endpoints.map(hostPort),
+    name: config.masterName,
+    role: "master",
+    enableTLSForSentinelMode: config.tls !== false,
+    sentinelRetryStrategy: (times) => connected() ? Math.min(50 * 2 ** times, 2_000) : null,
+    // 1: reconnect, and send nothing again.
+    reconnectOnError: (error) => /^READONLY/.test(error.message) ? 1 : false,
+  });
 }
 
 /**
@@ -1188,8 +1272,38 @@ async function hangUpReason(
   return reason;
 }
 
-/** Connects every endpoint: one Redis, or the independent instances of Redlock. */
+/** Connects as `config.mode` says: one Redis, a Cluster, a Sentinel's primary, or the Redlock set. */
 async function connect(config: ConnectionConfig): Promise<Instances> {
+  if (config.mode === "cluster") {
+    const where = `${config.endpoints.join(", ")} (cluster)`;
+    const cluster = await dial(
+      config,
+      where,
+      (connected) => clusterClient(config, connected),
+      (client) => client.nodes("master"),
+    );
+    return new Instances([{
+      name: where,
+      client: cluster,
+      subscriptions: new Subscriptions(() => cluster.duplicate([], CLUSTER_SUBSCRIBER)),
+    }], [config.password]);
+  }
+  if (config.mode === "sentinel") {
+    const where = `master ${JSON.stringify(config.masterName)} via Sentinels ${
+      config.endpoints.join(", ")
+    }`;
+    const primary = await dial(
+      config,
+      where,
+      (connected) => sentinelClient(config, connected),
+      (client) => [client],
+    );
+    return new Instances([{
+      name: where,
+      client: primary,
+      subscriptions: new Subscriptions(() => primary.duplicate(SUBSCRIBER)),
+    }], [config.password]);
+  }
   const settled = await Promise.allSettled(config.endpoints.map((e) => connectOne(config, e)));
   const clients = settled.map((s) => s.status === "fulfilled" ? s.value : undefined);
   const failures = settled.filter((s): s is PromiseRejectedResult => s.status === "rejected");
@@ -1233,7 +1347,7 @@ function standby(config: ConnectionConfig, endpoint: string): Redis {
  * end leaves no timer behind, and not disconnecting an ended client avoids
  * arming one that no close will clear.
  */
-async function hangUp(client: Redis): Promise<void> {
+async function hangUp(client: Client): Promise<void> {
   if (client.status === "end") return;
   // Without a live socket, no close event will clear that timer: let it run out.
   const live = client.status === "ready" || client.status === "connect";
@@ -1268,6 +1382,17 @@ const SUBSCRIBER: RedisOptions = {
   retryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
   // hangUp() counts on it.
   disconnectTimeout: DISCONNECT_TIMEOUT,
+};
+
+/**
+ * Options of a Cluster's subscriber: as `SUBSCRIBER`, reconnecting for as
+ * long as it lives. ioredis picks the node and subscribes again after a node
+ * change; a reconnect of the whole cluster is seen by `Subscriptions`.
+ */
+const CLUSTER_SUBSCRIBER: ClusterOptions = {
+  lazyConnect: false,
+  enableOfflineQueue: false,
+  clusterRetryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
 };
 
 async function disconnect(instances: Instances): Promise<void> {
