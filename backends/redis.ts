@@ -44,6 +44,7 @@ import {
   LockError,
   LockLostError,
   LockPermissionError,
+  LockReplicationError,
 } from "../errors.ts";
 import {
   abortable,
@@ -110,7 +111,10 @@ export interface RedisClient {
  * redis.disconnect();
  * ```
  */
-export type RedisLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
+export type RedisLockerOptions = Pick<
+  Options,
+  "ttl" | "autoRenew" | "retryInterval" | "waitReplicas"
+>;
 
 // KEYS: lock, fence. ARGV: token, ttl ms. Acquires and counts, or reports the wait.
 const ACQUIRE = `
@@ -167,6 +171,28 @@ function keysOf(name: string) {
   return { name, lock: base, fence: `${base}:fence`, channel: `${base}:released` };
 }
 
+/** CRC16-CCITT (XModem) of `bytes`, as Redis Cluster hashes keys. */
+function crc16(bytes: Uint8Array): number {
+  let crc = 0;
+  for (const byte of bytes) {
+    crc ^= byte << 8;
+    for (let bit = 0; bit < 8; bit++) crc = crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1;
+    crc &= 0xffff;
+  }
+  return crc;
+}
+
+/**
+ * The Cluster slot of `key`: the hash of its first non-empty `{...}` tag,
+ * or of the whole key, as Redis and ioredis compute it.
+ */
+function slotOf(key: string): number {
+  const open = key.indexOf("{");
+  const close = open < 0 ? -1 : key.indexOf("}", open + 1);
+  const tagged = close > open + 1 ? key.slice(open + 1, close) : key;
+  return crc16(new TextEncoder().encode(tagged)) % 16384;
+}
+
 /** A random token: 128 bits from Web Crypto, as hex. */
 function randomToken(): string {
   return toHex(crypto.getRandomValues(new Uint8Array(16)));
@@ -212,7 +238,8 @@ const NOT_NOW =
 
 /** Whether a failed attempt may succeed later without anything changing on our side. */
 function transient(error: unknown): boolean {
-  if (error instanceof LockConnectionError) return true;
+  // A replica that did not acknowledge in time may catch up.
+  if (error instanceof LockConnectionError || error instanceof LockReplicationError) return true;
   if (error instanceof LockAuthError || error instanceof LockPermissionError) return false;
   const cause = (error as Error)?.cause;
   return NOT_NOW.test(String((cause as Error)?.message ?? ""));
@@ -465,6 +492,30 @@ class Instances {
     return kindOf(String((error as Error)?.message ?? error));
   }
 
+  /**
+   * How many replicas acknowledged the writes made so far on the connection
+   * that wrote `key` (Redis `WAIT`), waiting `ms` at most. WAIT counts the
+   * writes of its own connection, so on a Cluster it goes to the connection
+   * of the master that serves the key's slot, the one the script ran on.
+   * WAIT holds that connection's later commands until it returns.
+   */
+  async replicated(instance: Instance, key: string, replicas: number, ms: number): Promise<number> {
+    const client = instance.client;
+    let server: Redis | undefined;
+    if (client instanceof Cluster) {
+      const owner = client.slots[slotOf(key)]?.[0];
+      server = client.nodes("master").find((node) =>
+        `${node.options.host}:${node.options.port}` === owner
+      );
+    } else {
+      server = client;
+    }
+    if (server === undefined) return 0;
+    // WAIT 0 would wait forever.
+    const timeout = Math.max(1, Math.floor(ms));
+    return Number(await server.call("WAIT", replicas, timeout));
+  }
+
   /** Runs a script by SHA, loading it on NOSCRIPT. */
   async run(instance: Instance, script: string, keys: string[], args: (string | number)[]) {
     const sha = shas.get(script) ?? await sha1(script);
@@ -485,7 +536,8 @@ class Instances {
    * `calls` (which never reject), for the caller to undo a late effect.
    * `answers` rejects with `signal.reason` if it aborts first. With
    * `where`, only the instances it picks are called; the others answer
-   * `failed(undefined)` at once.
+   * `failed(undefined)` at once. With `then`, each reply goes through it
+   * before `read` (for a WAIT after the script, within the same deadline).
    */
   each<T>(
     script: string,
@@ -498,12 +550,15 @@ class Instances {
       decided: (answers: (T | undefined)[]) => boolean;
       signal?: AbortSignal;
       where?: (i: number) => boolean;
+      then?: (instance: Instance, reply: unknown) => Promise<unknown>;
     },
   ): { calls: Promise<T>[]; answers: Promise<(T | undefined)[]> } {
-    const { read, failed, bound, decided, signal, where } = options;
+    const { read, failed, bound, decided, signal, where, then } = options;
     const calls = this.list.map((instance, i) =>
       where === undefined || where(i)
-        ? this.run(instance, script, keys, args).then(read).catch(failed)
+        ? this.run(instance, script, keys, args)
+          .then((reply) => then === undefined ? reply : then(instance, reply))
+          .then(read).catch(failed)
         : Promise.resolve(failed(undefined))
     );
     const answers = new Promise<(T | undefined)[]>((resolve, reject) => {
@@ -586,8 +641,23 @@ const CLOSE_GIVE_BACK_BOUND = 5_000;
 /** What one instance answered to an acquisition attempt. */
 type Answer =
   | { kind: "acquired"; fence: number }
+  | { kind: "unreplicated"; fence: number; acked: number; waited: number }
   | { kind: "held"; pttl: number }
   | { kind: "failed"; error: unknown };
+
+/** Whether an answer took the key on its instance (replicated or not): it must be given back unless held. */
+function took(answer: Answer | undefined): boolean {
+  return answer?.kind === "acquired" || answer?.kind === "unreplicated";
+}
+
+/**
+ * How long a WAIT may take so that its answer still arrives before
+ * `deadline` (monotonic ms): three quarters of the time left, the rest for
+ * the reply and for commands queued behind it on the connection.
+ */
+function waitWithin(deadline: number): number {
+  return (deadline - performance.now()) * 0.75;
+}
 
 /** The clock drift allowed for, as Redlock does: 1% of the TTL plus 2 ms. */
 function drift(ttl: number): number {
@@ -712,7 +782,7 @@ class RedisDriver implements Driver {
     signal: AbortSignal,
     action: string,
   ): Promise<{ grant?: Grant; pttl: number }> {
-    const { ttl } = this.#settings;
+    const { ttl, waitReplicas } = this.#settings;
     const instances = this.#instances;
     const { list, quorum } = instances;
     const sentAt = performance.now();
@@ -723,9 +793,23 @@ class RedisDriver implements Driver {
       [keys.lock, keys.fence],
       [token, ttl],
       {
-        read: (reply) => {
+        // A grant counts once `waitReplicas` replicas have it, or a failover
+        // could hand the lock out again with a fencing token gone back.
+        then: async (instance, reply) => {
           const [ok, value] = reply as [number, number];
-          return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
+          if (ok !== 1 || waitReplicas === 0) return reply;
+          const waited = waitWithin(sentAt + bound);
+          const acked = await instances.replicated(instance, keys.lock, waitReplicas, waited)
+            .catch(() => 0);
+          return [ok, value, acked, waited];
+        },
+        read: (reply) => {
+          const [ok, value, acked, waited] = reply as [number, number, number?, number?];
+          if (ok !== 1) return { kind: "held", pttl: value };
+          if (acked !== undefined && acked < waitReplicas) {
+            return { kind: "unreplicated", fence: value, acked, waited: waited! };
+          }
+          return { kind: "acquired", fence: value };
         },
         failed: (error) => ({ kind: "failed", error }),
         bound,
@@ -773,14 +857,29 @@ class RedisDriver implements Driver {
       this.#giveBackLate(calls, answered, keys, token, held.ended);
       return { grant: held.grant, pttl: 0 };
     }
-    // Acquired on a quorum, too late to hold: waiters saw it held, so wake them.
-    await this.#releaseWhere(results, keys, token, bound, acquired.length >= quorum);
+    // Taken on a quorum, too late to hold or not replicated: waiters saw it
+    // held, so wake them.
+    await this.#releaseWhere(results, keys, token, bound, results.filter(took).length >= quorum);
     this.#giveBackLate(calls, answered, keys, token, () => true);
     const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
       a.kind === "failed"
     );
     const fatal = failed.find((f) => ["auth", "permission"].includes(instances.kind(f.error)));
     if (fatal) throw this.#describe(fatal.error, results, action, token);
+    const unreplicated = results.filter((a): a is Extract<Answer, { kind: "unreplicated" }> =>
+      a.kind === "unreplicated"
+    );
+    if (unreplicated.length > 0 && acquired.length + unreplicated.length >= quorum) {
+      // Granted, but not safe across a failover: given back above, and said so.
+      const fewest = unreplicated.reduce((a, b) => b.acked < a.acked ? b : a);
+      const where = list[results.indexOf(fewest)].name;
+      throw new LockReplicationError(
+        `${action}: ${fewest.acked} of ${waitReplicas} replicas acknowledged the grant on Redis at ${where} within ${
+          Math.max(0, Math.round(fewest.waited))
+        } ms, so it was given back`,
+        { acknowledged: fewest.acked, required: waitReplicas },
+      );
+    }
     if (list.length - failed.length < quorum) {
       throw this.#describe(undefined, results, action, token);
     }
@@ -806,9 +905,7 @@ class RedisDriver implements Driver {
       // close() waits for it (bounded): the give-back needs the connection.
       this.#instances.giveBackLate(
         call.then((answer) =>
-          answer.kind === "acquired" && unwanted()
-            ? this.#giveBack(i, keys, token, wake)
-            : undefined
+          took(answer) && unwanted() ? this.#giveBack(i, keys, token, wake) : undefined
         ),
         performance.now() + this.#settings.ttl,
       );
@@ -846,6 +943,9 @@ class RedisDriver implements Driver {
     const parts = results.map((answer, i) => {
       const where = list[i].name;
       if (answer.kind === "acquired") return `${where} granted it`;
+      if (answer.kind === "unreplicated") {
+        return `${where} granted it, but only ${answer.acked} replicas acknowledged`;
+      }
       if (answer.kind === "held") return `${where} has it held by another holder`;
       return `${where}: ${this.#instances.detail(answer.error, token)}`;
     });
@@ -901,9 +1001,7 @@ class RedisDriver implements Driver {
     wake = false,
   ): Promise<void> {
     const given = Promise.all(
-      results.map((answer, i) =>
-        answer.kind === "acquired" ? this.#giveBack(i, keys, token, wake) : undefined
-      ),
+      results.map((answer, i) => took(answer) ? this.#giveBack(i, keys, token, wake) : undefined),
     );
     let timer: ReturnType<typeof setTimeout> | undefined;
     try {
@@ -928,7 +1026,7 @@ class RedisDriver implements Driver {
     fence: bigint,
     sentAt: number,
   ): { grant: Grant; ended: () => boolean } {
-    const { ttl, autoRenew } = this.#settings;
+    const { ttl, autoRenew, waitReplicas } = this.#settings;
     const instances = this.#instances;
     const { list, quorum } = instances;
     const name = keys.name;
@@ -940,7 +1038,20 @@ class RedisDriver implements Driver {
       const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
         replies.filter((r) => r !== undefined && which.includes(r)).length;
       const { calls, answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
-        read: (reply) => reply === 1 ? "renewed" : reply === -1 ? "missing" : "refused",
+        // A renewal that the replicas do not have would not survive a
+        // failover: not confirmed, and the deadline decides.
+        then: async (instance, reply) => {
+          if (reply !== 1 || waitReplicas === 0) return reply;
+          const acked = await instances.replicated(
+            instance,
+            keys.lock,
+            waitReplicas,
+            waitWithin(clock.deadline),
+          );
+          return acked >= waitReplicas ? reply : "unacknowledged";
+        },
+        read: (reply) =>
+          reply === 1 ? "renewed" : reply === -1 ? "missing" : reply === 0 ? "refused" : "failed",
         failed: () => "failed",
         // Past the lease's deadline no answer can save it.
         bound: clock.deadline - sent,

@@ -637,15 +637,18 @@ export interface RedisSentinelOptions {
   masterName?: string;
   /** How long a silent primary takes to count as down. */
   downAfterMs?: number;
+  /** How many replicas (1 or more). */
+  replicas?: number;
 }
 
 /**
- * A primary, one replica and three Sentinels (quorum 2) on loopback. After a
- * failover the replica is the primary; `primary` and `replica` follow.
+ * A primary, its replicas (one unless told) and three Sentinels (quorum 2) on
+ * loopback. After a failover a replica is the primary; `primary` and
+ * `replica` follow.
  */
 export class RedisSentinels implements AsyncDisposable {
   readonly masterName: string;
-  /** The two data servers, the first started as primary. */
+  /** The data servers, the first started as primary. */
   readonly servers: RedisServer[];
   readonly sentinels: Child[] = [];
   readonly sentinelPorts: number[] = [];
@@ -662,13 +665,19 @@ export class RedisSentinels implements AsyncDisposable {
     const primary = await RedisServer.start();
     const servers = [primary];
     const setup = new RedisSentinels(masterName, servers);
+    const replicas = options.replicas ?? 1;
     try {
-      servers.push(
-        await RedisServer.start({ args: ["--replicaof", "127.0.0.1", String(primary.port)] }),
-      );
+      for (let i = 0; i < replicas; i++) {
+        servers.push(
+          await RedisServer.start({ args: ["--replicaof", "127.0.0.1", String(primary.port)] }),
+        );
+      }
       await setup.#until(
-        () => servers[1].cli(["INFO", "replication"]).includes("master_link_status:up"),
-        "the replica to sync",
+        () =>
+          servers.slice(1).every((s) =>
+            s.cli(["INFO", "replication"]).includes("master_link_status:up")
+          ),
+        "the replicas to sync",
       );
       for (let i = 0; i < 3; i++) {
         const port = await freePort();
@@ -696,7 +705,8 @@ export class RedisSentinels implements AsyncDisposable {
         () =>
           setup.sentinelPorts.every((port) => {
             const info = cliAt(port, ["SENTINEL", "MASTER", masterName]);
-            return /num-slaves\n1\n/.test(info) && /num-other-sentinels\n2\n/.test(info);
+            return info.includes(`num-slaves\n${replicas}\n`) &&
+              /num-other-sentinels\n2\n/.test(info);
           }),
         "the Sentinels to find the replica and each other",
       );
@@ -739,10 +749,25 @@ export class RedisSentinels implements AsyncDisposable {
     return this.servers.find((s) => s.port === port)!;
   }
 
-  /** The other data server. */
+  /** A data server other than the primary. */
   get replica(): RedisServer {
     const port = this.primaryPort();
     return this.servers.find((s) => s.port !== port)!;
+  }
+
+  /** Waits until every replica of the primary now has its link to it up. */
+  async replicasSynced(ms = 30_000): Promise<void> {
+    await this.#until(
+      () => {
+        const port = this.primaryPort();
+        const primary = this.servers.find((s) => s.port === port)!;
+        const info = primary.cli(["INFO", "replication"]);
+        const online = (info.match(/state=online/g) ?? []).length;
+        return online === this.servers.filter((s) => s.child !== undefined).length - 1;
+      },
+      "the replicas to follow the primary",
+      ms,
+    );
   }
 
   /** Waits until the Sentinels name a primary other than `port`, and it accepts writes. */

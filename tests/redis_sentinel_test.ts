@@ -6,10 +6,17 @@
 import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
-import { LockConnectionError, type Locker, New, type Options } from "../mod.ts";
+import {
+  LockConnectionError,
+  type Locker,
+  LockReplicationError,
+  LockTimeoutError,
+  New,
+  type Options,
+} from "../mod.ts";
 import { conformance } from "./_conformance.ts";
 import { freePort, RedisSentinels } from "./_servers.ts";
-import { prefix, sleep } from "./_util.ts";
+import { prefix, sleep, until, within } from "./_util.ts";
 
 describe("redis backend on a Sentinel-managed primary through New()", () => {
   let setup: RedisSentinels;
@@ -72,5 +79,92 @@ describe("redis backend on a Sentinel-managed primary through New()", () => {
     // ioredis 6 ends a refused Sentinel query connection with a 2 s timer
     // that only its socket's close (already past) would clear: it runs out.
     await sleep(2_100);
+  });
+
+  it("with the replica stopped, lock() with waitReplicas: 1 does not resolve and leaves no key, tryLock() rejects saying 0 of 1 acknowledged, and lock() acquires once it resumes", async () => {
+    const locker = sentinel({ waitReplicas: 1, ttl: 1_000 });
+    const name = prefix("stopped-replica");
+    const key = `lock:{${name}}`;
+    const replica = setup.replica;
+    replica.child!.signal("SIGSTOP");
+    try {
+      const waiting = locker.lock(name, { timeout: 2_500 });
+      assert.equal(await within(waiting.then(() => "held"), 1_500, "pending"), "pending");
+      await assert.rejects(waiting, LockTimeoutError);
+      // The grant in flight when the timeout ended it is given back once its WAIT returns.
+      await until(async () => await probe.exists(key) === 0, 3_000, "the key to be given back");
+      await assert.rejects(locker.tryLock(name), (error: Error) => {
+        assert.ok(error instanceof LockReplicationError, `${error.name}: ${error.message}`);
+        assert.equal(error.acknowledged, 0);
+        assert.equal(error.required, 1);
+        assert.match(
+          error.message,
+          new RegExp(
+            `^Cannot acquire lock "${name}": 0 of 1 replicas acknowledged the grant on Redis at .* within \\d+ ms, so it was given back$`,
+          ),
+        );
+        return true;
+      });
+      await until(async () => await probe.exists(key) === 0, 3_000, "the key to be given back");
+    } finally {
+      replica.child!.signal("SIGCONT");
+    }
+    const lease = await locker.lock(name, { timeout: 10_000 });
+    // Acknowledged: the replica has it.
+    assert.equal(replica.cli(["GET", key]), await probe.get(key));
+    await lease.release();
+    await locker.close();
+  });
+});
+
+describe("waitReplicas through a Sentinel failover (a primary, two replicas, three Sentinels)", () => {
+  let setup: RedisSentinels;
+  before(async () => {
+    setup = await RedisSentinels.start({ replicas: 2 });
+  });
+  after(async () => {
+    await setup.stop();
+  });
+
+  it("keeps a lease granted with waitReplicas: 1 when the primary is SIGKILLed: a competitor stays out, and the next token is greater", async () => {
+    const options: Options = {
+      backend: "redis",
+      masterName: setup.masterName,
+      endpoints: setup.endpoints,
+      waitReplicas: 1,
+      ttl: 10_000,
+    };
+    const holder = New(options);
+    // Its own connection (another dialTimeout is another config).
+    const competitor = New({ ...options, dialTimeout: 4_000 });
+    const name = prefix("failover");
+    const key = `lock:{${name}}`;
+    const lease = await holder.lock(name);
+    assert.equal(await competitor.tryLock(name), undefined);
+    const killedAt = performance.now();
+    const oldPort = setup.primaryPort();
+    await setup.primary.shutdown("SIGKILL");
+    const primary = await setup.failedOverFrom(oldPort);
+    // The other replica follows the new primary, so renewals can be acknowledged.
+    await setup.replicasSynced();
+    assert.match(primary.cli(["GET", key]), /^[0-9a-f]{32}$/, "the grant was replicated");
+    // A renewal reaches the new primary: the key's PTTL goes back up to about ttl.
+    const before = Number(primary.cli(["PTTL", key]));
+    await until(
+      () => Number(primary.cli(["PTTL", key])) > before + 500,
+      15_000,
+      "a renewal on the new primary",
+    );
+    assert.equal(await competitor.tryLock(name), undefined);
+    // Past the deadline of the last renewal before the kill: renewed since, so still held.
+    const wait = 10_000 - (performance.now() - killedAt) + 500;
+    if (wait > 0) await sleep(wait);
+    assert.equal(lease.signal.aborted, false, String(lease.signal.reason));
+    assert.equal(await competitor.tryLock(name), undefined);
+    await lease.release();
+    const next = await competitor.lock(name, { timeout: 10_000 });
+    assert.ok(next.token > lease.token, `${next.token} after ${lease.token}`);
+    await next.release();
+    await Promise.all([holder.close(), competitor.close()]);
   });
 });
