@@ -504,7 +504,8 @@ class Instances {
     let server: Redis | undefined;
     if (client instanceof Cluster) {
       const owner = client.slots[slotOf(key)]?.[0];
-      server = client.nodes("master").find((node) =>
+      // "all": a replica promoted since the last slot refresh may still be listed as one.
+      server = client.nodes("all").find((node) =>
         `${node.options.host}:${node.options.port}` === owner
       );
     } else {

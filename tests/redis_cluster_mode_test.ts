@@ -5,12 +5,12 @@
 import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { Cluster } from "ioredis";
-import { type Locker, New, type Options } from "../mod.ts";
+import { type Locker, LockReplicationError, New, type Options } from "../mod.ts";
 import { hashConfig } from "../connector.ts";
 import { resolveOptions } from "../_options.ts";
 import { conformance } from "./_conformance.ts";
-import { RedisClusterServers } from "./_servers.ts";
-import { prefix } from "./_util.ts";
+import { RedisClusterServers, type RedisServer } from "./_servers.ts";
+import { prefix, sleep, until } from "./_util.ts";
 
 function rejects(options: unknown, name: "TypeError" | "RangeError", message: RegExp | string) {
   assert.throws(() => New(options as Options), (error: Error) => {
@@ -167,5 +167,124 @@ describe("redis backend on a Redis Cluster through New()", () => {
     const leases = await Promise.all(names.map((n) => clustered.lock(n)));
     await Promise.all(leases.map((lease) => lease.release()));
     await Promise.all([single.close(), clustered.close()]);
+  });
+});
+
+describe("redis backend on a Redis Cluster with a replica per master, through New()", () => {
+  let servers: RedisClusterServers;
+  before(async () => {
+    servers = await RedisClusterServers.start({ replicas: 1 });
+  });
+  after(async () => {
+    await servers.stop();
+  });
+
+  /** The slot of `key`, asked of a running node. */
+  const slotOf = (key: string) =>
+    Number(servers.servers.find((s) => s.child)!.cli(["CLUSTER", "KEYSLOT", key]));
+
+  it("asks the replica of the lock's own slot: a stopped replica fails its slot's grants only", async () => {
+    const locker = New({
+      backend: "redis",
+      mode: "cluster",
+      endpoints: servers.endpoints,
+      waitReplicas: 1,
+      ttl: 1_000,
+    });
+    // Two locks whose slots two different masters serve.
+    const names: string[] = [];
+    const masters: RedisServer[] = [];
+    while (masters.length < 2) {
+      const name = prefix("acked");
+      const slot = slotOf(`lock:{${name}}`);
+      const master = servers.masterOf(slot);
+      if (masters.includes(master)) continue;
+      names.push(name);
+      masters.push(master);
+    }
+    const replica = servers.servers.find((s) =>
+      s.cli(["INFO", "replication"]).includes(`master_port:${masters[0].port}`)
+    )!;
+    const lease = await locker.lock(names[0]);
+    await lease.release();
+    replica.child!.signal("SIGSTOP");
+    try {
+      await assert.rejects(locker.tryLock(names[0]), (error: Error) => {
+        assert.ok(error instanceof LockReplicationError, `${error.name}: ${error.message}`);
+        assert.equal(error.acknowledged, 0);
+        assert.match(
+          error.message,
+          /: 0 of 1 replicas acknowledged the grant on Redis at .*\(cluster\)/,
+        );
+        return true;
+      });
+      const other = await locker.tryLock(names[1]);
+      assert.ok(other, "a lock in a slot whose replica answers is granted");
+      await other.release();
+    } finally {
+      replica.child!.signal("SIGCONT");
+    }
+    const again = await locker.lock(names[0], { timeout: 10_000 });
+    await again.release();
+    await locker.close();
+  });
+
+  it("keeps a lease granted with waitReplicas: 1 when its master is SIGKILLed and its replica takes over; never two holders, and the next token is greater", async () => {
+    const options: Options = {
+      backend: "redis",
+      mode: "cluster",
+      endpoints: servers.endpoints,
+      waitReplicas: 1,
+      ttl: 15_000,
+    };
+    const holder = New(options);
+    // Its own connection (another dialTimeout is another config).
+    const competitor = New({ ...options, dialTimeout: 4_000 });
+    const name = prefix("cluster-failover");
+    const key = `lock:{${name}}`;
+    const lease = await holder.lock(name);
+    assert.equal(await competitor.tryLock(name), undefined);
+    const slot = slotOf(key);
+    const master = servers.masterOf(slot);
+    const killedAt = performance.now();
+    await master.shutdown("SIGKILL");
+    let promoted = master;
+    await until(
+      () => {
+        try {
+          promoted = servers.masterOf(slot);
+        } catch {
+          return false; // no master for the slot yet
+        }
+        return promoted !== master;
+      },
+      20_000,
+      "the replica to take over the slot",
+    );
+    assert.match(promoted.cli(["GET", key]), /^[0-9a-f]{32}$/, "the grant was replicated");
+    // The old master comes back as the new master's replica, so renewals can be acknowledged.
+    await master.restart();
+    await until(
+      () => master.cli(["INFO", "replication"]).includes("master_link_status:up"),
+      20_000,
+      "the old master to follow the new one",
+    );
+    const before = Number(promoted.cli(["PTTL", key]));
+    await until(
+      () => Number(promoted.cli(["PTTL", key])) > before + 500,
+      15_000,
+      "a renewal on the new master",
+    );
+    assert.equal(await competitor.tryLock(name), undefined);
+    // Past the deadline of the last renewal before the kill: renewed since, so still held.
+    const wait = 15_000 - (performance.now() - killedAt) + 500;
+    if (wait > 0) await sleep(wait);
+    assert.equal(lease.signal.aborted, false, String(lease.signal.reason));
+    assert.equal(await competitor.tryLock(name), undefined);
+    await lease.release();
+    const next = await competitor.lock(name, { timeout: 10_000 });
+    assert.ok(next.token > lease.token, `${next.token} after ${lease.token}`);
+    await next.release();
+    await Promise.all([holder.close(), competitor.close()]);
   });
 });
