@@ -123,15 +123,18 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {0, redis.call('PTTL', KEYS[1])}`;
 
-// KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
-// Without a channel (a partial acquisition given back) it wakes nobody:
-// waiters would only find the lock still held on a majority. pcall: a user
-// without rights on the channel still releases (a script is not undone by a
-// later error); its waiters then wake by polling.
+// KEYS: lock. ARGV: token, channel, "s" for sharded pub/sub. Fenced delete,
+// then wake the waiters. Without a channel (a partial acquisition given
+// back) it wakes nobody: waiters would only find the lock still held on a
+// majority. pcall: a user without rights on the channel still releases (a
+// script is not undone by a later error); its waiters then wake by polling.
+// SPUBLISH keeps the message in the lock's slot, on a Cluster.
 const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if ARGV[2] ~= '' then redis.pcall('PUBLISH', ARGV[2], ARGV[1]) end
+  if ARGV[2] ~= '' then
+    redis.pcall(ARGV[3] == 's' and 'SPUBLISH' or 'PUBLISH', ARGV[2], ARGV[1])
+  end
   return 1
 end
 return 0`;
@@ -300,6 +303,8 @@ interface Pending {
  */
 class Subscriptions {
   readonly #make: () => Client;
+  /** Sharded pub/sub (SSUBSCRIBE, "smessage"): a Cluster whose servers have it. */
+  readonly sharded: boolean;
   #subscriber?: Client;
   readonly #listeners = new Map<string, Set<Listener>>();
   /** Channels nobody listens to any more, unsubscribed after a moment unless wanted again. */
@@ -313,15 +318,19 @@ class Subscriptions {
   /** Counts connections, so an answer from an old one is not taken for the current one. */
   #generation = 0;
 
-  constructor(make: () => Client) {
+  constructor(make: () => Client, sharded = false) {
     this.#make = make;
+    this.sharded = sharded;
   }
 
   #connection(): Client {
     if (this.#subscriber === undefined) {
       const subscriber = this.#make();
       subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
-      subscriber.on("message", (channel: string) => this.#wake(channel));
+      subscriber.on(
+        this.sharded ? "smessage" : "message",
+        (channel: string) => this.#wake(channel),
+      );
       subscriber.on("ready", () => {
         for (const channel of this.#wanted()) this.#send(channel, true);
       });
@@ -355,7 +364,7 @@ class Subscriptions {
     if (subscriber.status !== "ready" || this.#sent.has(channel)) return;
     this.#sent.add(channel);
     const generation = this.#generation;
-    subscriber.subscribe(channel).then(
+    (this.sharded ? subscriber.ssubscribe(channel) : subscriber.subscribe(channel)).then(
       () => {
         if (generation !== this.#generation) return;
         this.#sent.delete(channel);
@@ -422,7 +431,10 @@ class Subscriptions {
           const subscribed = this.#confirmed.delete(channel) || this.#sent.has(channel);
           const subscriber = this.#subscriber;
           if (subscribed && subscriber?.status === "ready") {
-            subscriber.unsubscribe(channel).catch(() => {});
+            const left = this.sharded
+              ? subscriber.sunsubscribe(channel)
+              : subscriber.unsubscribe(channel);
+            left.catch(() => {});
           }
         }, SUBSCRIPTION_LINGER),
       );
@@ -927,7 +939,8 @@ class RedisDriver implements Driver {
   ): Promise<void> {
     const instance = this.#instances.list[i];
     const channel = wake ? keys.channel : "";
-    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel]).then(
+    const sharded = instance.subscriptions.sharded ? "s" : "";
+    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel, sharded]).then(
       () => {},
       () => {},
     );
@@ -1099,7 +1112,9 @@ class RedisDriver implements Driver {
       const failed = (r: Reply) => typeof r === "object";
       // Past the lease's deadline (and the drift allowed) the key has expired anyway.
       const bound = clock.deadline - performance.now() + drift(ttl);
-      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], [token, keys.channel], {
+      const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
+      const args = [token, keys.channel, sharded];
+      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
         read: (reply) => reply === 1 ? "deleted" : "not ours",
         failed: (error) => ({ error }),
         bound,
@@ -1394,10 +1409,16 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
       (connected) => clusterClient(config, connected),
       (client) => client.nodes("master"),
     );
+    // Sharded pub/sub where every master has it (Redis 7): a release then
+    // reaches its waiters through the lock's own slot, not every node.
+    const sharded = await hasShardedPubSub(cluster, config.dialTimeout);
+    const subscriber = sharded
+      ? { ...CLUSTER_SUBSCRIBER, shardedSubscribers: true }
+      : CLUSTER_SUBSCRIBER;
     return new Instances([{
       name: where,
       client: cluster,
-      subscriptions: new Subscriptions(() => cluster.duplicate([], CLUSTER_SUBSCRIBER)),
+      subscriptions: new Subscriptions(() => cluster.duplicate([], subscriber), sharded),
     }], [config.password]);
   }
   if (config.mode === "sentinel") {
@@ -1495,6 +1516,26 @@ const SUBSCRIBER: RedisOptions = {
   // hangUp() counts on it.
   disconnectTimeout: DISCONNECT_TIMEOUT,
 };
+
+/** Whether every master of `cluster` knows SPUBLISH (Redis 7 and later). */
+async function hasShardedPubSub(cluster: Cluster, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const answers = Promise.all(
+      cluster.nodes("master").map((node) => node.call("COMMAND", "INFO", "SPUBLISH")),
+    );
+    // A node that does not answer in time, or a user without COMMAND: plain pub/sub.
+    const late = new Promise<undefined>((resolve) =>
+      timer = setTimeout(() => resolve(undefined), ms)
+    );
+    const infos = await Promise.race([answers, late]);
+    return infos?.every((info) => Array.isArray(info) && info[0] !== null) ?? false;
+  } catch {
+    return false;
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 /**
  * Options of a Cluster's subscriber: as `SUBSCRIBER`, reconnecting for as

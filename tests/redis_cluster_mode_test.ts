@@ -138,6 +138,32 @@ describe("redis backend on a Redis Cluster through New()", () => {
     leftovers: async (keyPrefix) => (await lockKeys(keyPrefix)).length,
   });
 
+  it("wakes a waiter through sharded pub/sub in the lock's slot, not its 5 s poll", async () => {
+    const name = prefix("sharded");
+    const channel = `lock:{${name}}:released`;
+    const [a, b] = [cluster(), cluster({ retryInterval: 5_000 })];
+    const held = await a.lock(name);
+    const waiting = b.lock(name);
+    const slot = Number(await probe.cluster("KEYSLOT", channel));
+    const master = servers.masterOf(slot);
+    await until(
+      () => master.cli(["PUBSUB", "SHARDCHANNELS", channel]) === channel,
+      5_000,
+      "the waiter's SSUBSCRIBE on the slot's master",
+    );
+    for (const server of servers.servers) {
+      assert.equal(server.cli(["PUBSUB", "CHANNELS", channel]), "", "no global channel");
+    }
+    const released = performance.now();
+    await held.release();
+    const next = await waiting;
+    const elapsed = performance.now() - released;
+    assert.ok(elapsed < 2_000, `the hand-off took ${elapsed.toFixed(0)} ms`);
+    assert.ok(next.token > held.token);
+    await next.release();
+    await Promise.all([a.close(), b.close()]);
+  });
+
   it("reaches keys on every master from one seed node", async () => {
     const locker = New({ backend: "redis", mode: "cluster", endpoints: [servers.endpoints[0]] });
     const names = Array.from({ length: 24 }, (_, i) => prefix(`spread-${i}`));
