@@ -9,6 +9,7 @@ import { type Locker, LockReplicationError, New, type Options } from "../mod.ts"
 import { hashConfig } from "../connector.ts";
 import { resolveOptions } from "../_options.ts";
 import { conformance } from "./_conformance.ts";
+import { assertExitsAfterClose } from "./_scenarios.ts";
 import { RedisClusterServers, type RedisServer } from "./_servers.ts";
 import { prefix, sleep, until } from "./_util.ts";
 
@@ -162,6 +163,14 @@ describe("redis backend on a Redis Cluster through New()", () => {
     assert.ok(next.token > held.token);
     await next.release();
     await Promise.all([a.close(), b.close()]);
+  });
+
+  it("lets the process exit by itself after close()", async () => {
+    await assertExitsAfterClose({
+      backend: "redis",
+      endpoints: servers.endpoints,
+      env: { GENESIS_MODE: "cluster" },
+    }, "exit");
   });
 
   it("reaches keys on every master from one seed node", async () => {

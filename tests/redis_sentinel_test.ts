@@ -15,6 +15,7 @@ import {
   type Options,
 } from "../mod.ts";
 import { conformance } from "./_conformance.ts";
+import { assertExitsAfterClose } from "./_scenarios.ts";
 import { freePort, RedisSentinels } from "./_servers.ts";
 import { prefix, sleep, until, within } from "./_util.ts";
 
@@ -46,6 +47,14 @@ describe("redis backend on a Sentinel-managed primary through New()", () => {
     fifoAcrossLockers: false,
     leftovers: async (keyPrefix) =>
       (await probe.keys(`lock:{${keyPrefix}*`)).filter((k) => !k.endsWith(":fence")).length,
+  });
+
+  it("lets the process exit by itself after close()", async () => {
+    await assertExitsAfterClose({
+      backend: "redis",
+      endpoints: setup.endpoints,
+      env: { GENESIS_MASTER_NAME: setup.masterName },
+    }, "exit");
   });
 
   it("rejects the first call with a LockConnectionError when no Sentinel knows the master", async () => {
