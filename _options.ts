@@ -148,6 +148,14 @@ export interface Options {
    * `MasterName`). Implies `mode: "sentinel"`.
    */
   masterName?: string;
+  /** Redis `"sentinel"` only: the user to authenticate to the Sentinels as. */
+  sentinelUsername?: string;
+  /**
+   * Redis `"sentinel"` only: the password of the Sentinels (their
+   * `requirepass`); `password` is the primary's. Never appears in an error
+   * or a log.
+   */
+  sentinelPassword?: string;
   /**
    * Redis only: how many replicas must have acknowledged a grant, and every
    * renewal, before it counts (Redis `WAIT`, within the call's own deadline).
@@ -197,6 +205,10 @@ export interface ConnectionConfig {
   mode?: RedisMode;
   /** Redis only: the Sentinel master group name, or `""` for none. */
   masterName?: string;
+  /** Redis `"sentinel"` only: the Sentinels' user, or `""` for none. */
+  sentinelUsername?: string;
+  /** Redis `"sentinel"` only: the Sentinels' password, or `""` for none. */
+  sentinelPassword?: string;
 }
 
 /** How a locker behaves, whatever the connection. */
@@ -236,6 +248,8 @@ const OPTION_NAMES = new Set<string>([
   "mode",
   "masterName",
   "waitReplicas",
+  "sentinelUsername",
+  "sentinelPassword",
 ]);
 const MODES: RedisMode[] = ["single", "cluster", "sentinel", "redlock"];
 /** The most replicas WAIT is asked for: more than any deployment has. */
@@ -373,6 +387,8 @@ export function resolveOptions(options: unknown): ResolvedOptions {
   };
   const masterName = text("masterName", options.masterName);
   const mode = modeOption(options.mode);
+  const sentinelUsername = text("sentinelUsername", options.sentinelUsername);
+  const sentinelPassword = text("sentinelPassword", options.sentinelPassword, true);
   if (backend !== "redis") {
     // Zero values are allowed anywhere: they mean "left out".
     const given = mode !== undefined
@@ -381,6 +397,10 @@ export function resolveOptions(options: unknown): ResolvedOptions {
       ? "masterName"
       : resolved.waitReplicas !== 0
       ? "waitReplicas"
+      : sentinelUsername !== ""
+      ? "sentinelUsername"
+      : sentinelPassword !== ""
+      ? "sentinelPassword"
       : undefined;
     if (given !== undefined) {
       throw new TypeError(
@@ -391,7 +411,21 @@ export function resolveOptions(options: unknown): ResolvedOptions {
     }
     return resolved;
   }
-  return { ...resolved, ...topology(mode, masterName, endpoints) };
+  const redis = { ...resolved, ...topology(mode, masterName, endpoints) };
+  if (redis.mode !== "sentinel") {
+    const given = sentinelUsername !== ""
+      ? "sentinelUsername"
+      : sentinelPassword !== ""
+      ? "sentinelPassword"
+      : undefined;
+    if (given !== undefined) {
+      throw new TypeError(
+        `Invalid options "${given}" and "mode": Sentinel credentials are for "sentinel", received "mode": "${redis.mode}"`,
+      );
+    }
+    return redis;
+  }
+  return { ...redis, sentinelUsername, sentinelPassword };
 }
 
 function modeOption(value: unknown): RedisMode | undefined {

@@ -187,6 +187,8 @@ export async function hashConfig(config: ConnectionConfig): Promise<string> {
     // Redis: one endpoint is a server, a seed node or a Sentinel by mode.
     config.mode ?? "",
     config.masterName ?? "",
+    config.sentinelUsername ?? "",
+    config.sentinelPassword ?? "",
   ]);
   const mac = await crypto.subtle.sign(
     "HMAC",

@@ -215,7 +215,11 @@ async function sha1(script: string): Promise<string> {
 type Kind = "auth" | "permission" | "connection" | "other";
 
 function kindOf(text: string): Kind {
-  if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
+  // A Sentinel's refusal comes as the last error of ioredis's "All sentinels are unreachable".
+  if (
+    /^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)|sentinels are unreachable.*Last error: (WRONGPASS|NOAUTH)/i
+      .test(text)
+  ) {
     return "auth";
   }
   if (/^NOPERM|can't run this command|user executing the script can't/.test(text)) {
@@ -1192,6 +1196,11 @@ async function readStatus(instances: Instances, name: string): Promise<LockStatu
   };
 }
 
+/** The secrets of `config`, scrubbed from every error. */
+function secretsOf(config: ConnectionConfig): string[] {
+  return [config.password, config.sentinelPassword ?? ""].filter((secret) => secret !== "");
+}
+
 /** host and port of an endpoint. */
 function hostPort(endpoint: string): { host: string; port: number } {
   const match = /^(?:rediss?:\/\/)?(.+):(\d+)\/?$/.exec(endpoint);
@@ -1302,7 +1311,7 @@ async function dial<C extends Client>(
     const reason = probe !== undefined && hungUp && left > 0
       ? await hangUpReason(config, probe, probeFor)
       : undefined;
-    throw translate(reason ?? error, action, where, [config.password]);
+    throw translate(reason ?? error, action, where, secretsOf(config));
   } finally {
     clearTimeout(timer);
   }
@@ -1350,6 +1359,8 @@ function sentinelClient(config: ConnectionConfig, connected: () => boolean): Red
     ...options,
     sentinels: config.endpoints.map(hostPort),
     name: config.masterName,
+    ...(config.sentinelUsername ? { sentinelUsername: config.sentinelUsername } : {}),
+    ...(config.sentinelPassword ? { sentinelPassword: config.sentinelPassword } : {}),
     role: "master",
     enableTLSForSentinelMode: config.tls !== false,
     sentinelRetryStrategy: (times) => connected() ? Math.min(50 * 2 ** times, 2_000) : null,
@@ -1419,7 +1430,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
       name: where,
       client: cluster,
       subscriptions: new Subscriptions(() => cluster.duplicate([], subscriber), sharded),
-    }], [config.password]);
+    }], secretsOf(config));
   }
   if (config.mode === "sentinel") {
     const where = `master ${JSON.stringify(config.masterName)} via Sentinels ${
@@ -1435,7 +1446,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
       name: where,
       client: primary,
       subscriptions: new Subscriptions(() => primary.duplicate(SUBSCRIBER)),
-    }], [config.password]);
+    }], secretsOf(config));
   }
   const settled = await Promise.allSettled(config.endpoints.map((e) => connectOne(config, e)));
   const clients = settled.map((s) => s.status === "fulfilled" ? s.value : undefined);
@@ -1464,7 +1475,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
       subscriptions: new Subscriptions(() => client.duplicate(SUBSCRIBER)),
     };
   });
-  return new Instances(list, [config.password]);
+  return new Instances(list, secretsOf(config));
 }
 
 /** A client for an instance that was down at connect time: it keeps trying in the background. */

@@ -639,6 +639,8 @@ export interface RedisSentinelOptions {
   downAfterMs?: number;
   /** How many replicas (1 or more). */
   replicas?: number;
+  /** The Sentinels' `requirepass` (they use it with each other too). */
+  sentinelPassword?: string;
 }
 
 /**
@@ -653,10 +655,13 @@ export class RedisSentinels implements AsyncDisposable {
   readonly sentinels: Child[] = [];
   readonly sentinelPorts: number[] = [];
   readonly #dir = tempDir("sentinel");
+  /** redis-cli's arguments to authenticate to a Sentinel. */
+  readonly #auth: string[];
 
-  private constructor(masterName: string, servers: RedisServer[]) {
+  private constructor(masterName: string, servers: RedisServer[], password?: string) {
     this.masterName = masterName;
     this.servers = servers;
+    this.#auth = password ? ["--no-auth-warning", "-a", password] : [];
   }
 
   static async start(options: RedisSentinelOptions = {}): Promise<RedisSentinels> {
@@ -664,7 +669,7 @@ export class RedisSentinels implements AsyncDisposable {
     const masterName = options.masterName ?? "locks";
     const primary = await RedisServer.start();
     const servers = [primary];
-    const setup = new RedisSentinels(masterName, servers);
+    const setup = new RedisSentinels(masterName, servers, options.sentinelPassword);
     const replicas = options.replicas ?? 1;
     try {
       for (let i = 0; i < replicas; i++) {
@@ -692,6 +697,12 @@ export class RedisSentinels implements AsyncDisposable {
             `sentinel down-after-milliseconds ${masterName} ${options.downAfterMs ?? 1_000}`,
             `sentinel failover-timeout ${masterName} 10000`,
             `sentinel parallel-syncs ${masterName} 1`,
+            ...(options.sentinelPassword
+              ? [
+                `requirepass ${options.sentinelPassword}`,
+                `sentinel sentinel-pass ${options.sentinelPassword}`,
+              ]
+              : []),
             "",
           ].join("\n"),
         );
@@ -704,7 +715,7 @@ export class RedisSentinels implements AsyncDisposable {
       await setup.#until(
         () =>
           setup.sentinelPorts.every((port) => {
-            const info = cliAt(port, ["SENTINEL", "MASTER", masterName]);
+            const info = cliAt(port, [...setup.#auth, "SENTINEL", "MASTER", masterName]);
             return info.includes(`num-slaves\n${replicas}\n`) &&
               /num-other-sentinels\n2\n/.test(info);
           }),
@@ -734,7 +745,12 @@ export class RedisSentinels implements AsyncDisposable {
   primaryPort(): number {
     for (const port of this.sentinelPorts) {
       try {
-        const reply = cliAt(port, ["SENTINEL", "GET-MASTER-ADDR-BY-NAME", this.masterName]);
+        const reply = cliAt(port, [
+          ...this.#auth,
+          "SENTINEL",
+          "GET-MASTER-ADDR-BY-NAME",
+          this.masterName,
+        ]);
         return Number(reply.split("\n")[1]);
       } catch {
         // That Sentinel is down: ask the next.

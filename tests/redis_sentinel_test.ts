@@ -7,6 +7,7 @@ import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import {
+  LockAuthError,
   LockConnectionError,
   type Locker,
   LockReplicationError,
@@ -17,7 +18,9 @@ import {
 import { conformance } from "./_conformance.ts";
 import { assertExitsAfterClose } from "./_scenarios.ts";
 import { freePort, RedisSentinels } from "./_servers.ts";
-import { prefix, sleep, until, within } from "./_util.ts";
+import { prefix, Provoked, sleep, until, within } from "./_util.ts";
+import { hashConfig } from "../connector.ts";
+import { resolveOptions } from "../_options.ts";
 
 describe("redis backend on a Sentinel-managed primary through New()", () => {
   let setup: RedisSentinels;
@@ -123,6 +126,63 @@ describe("redis backend on a Sentinel-managed primary through New()", () => {
     assert.equal(replica.cli(["GET", key]), await probe.get(key));
     await lease.release();
     await locker.close();
+  });
+});
+
+describe("Sentinels that require a password", () => {
+  const SECRET = "sentinel-Secret-that-must-not-leak";
+  const provoked = new Provoked();
+  let setup: RedisSentinels;
+  before(async () => {
+    setup = await RedisSentinels.start({ sentinelPassword: SECRET });
+  });
+  after(async () => {
+    await setup.stop();
+    provoked.assertClean([SECRET, SECRET.slice(0, 12)]);
+  });
+
+  const options = (sentinelPassword?: string): Options => ({
+    backend: "redis",
+    masterName: setup.masterName,
+    endpoints: setup.endpoints,
+    sentinelPassword,
+    dialTimeout: 2_000,
+  });
+
+  it("are reached with sentinelPassword", async () => {
+    const locker = New(options(SECRET));
+    const lease = await locker.lock(prefix("sentinel-auth"));
+    await lease.release();
+    await locker.close();
+  });
+
+  it("reject a wrong or missing sentinelPassword with a LockAuthError that does not show it", async () => {
+    for (const password of [`${SECRET}-wrong`, undefined]) {
+      const locker = New(options(password));
+      await assert.rejects(locker.tryLock(prefix("sentinel-auth")), (error: Error) => {
+        provoked.keep(error);
+        assert.ok(error instanceof LockAuthError, `${error.name}: ${error.message}`);
+        assert.match(error.message, /^Cannot connect to Redis at master "locks" via Sentinels /);
+        return true;
+      });
+      await locker.close();
+    }
+    // See "no Sentinel answers" above: ioredis's query connections leave a timer that runs out.
+    await sleep(2_100);
+  });
+
+  it("decide the connection: another sentinelPassword is another client", async () => {
+    const hash = (sentinelPassword: string) =>
+      hashConfig(resolveOptions({ ...options(), sentinelPassword }));
+    assert.notEqual(await hash("a"), await hash("b"));
+    assert.throws(
+      () => New({ backend: "redis", endpoints: ["127.0.0.1:1"], sentinelPassword: "x" }),
+      {
+        name: "TypeError",
+        message:
+          'Invalid options "sentinelPassword" and "mode": Sentinel credentials are for "sentinel", received "mode": "single"',
+      },
+    );
   });
 });
 
