@@ -4,6 +4,7 @@
 
 import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { Cluster } from "ioredis";
 import { type Locker, LockReplicationError, New, type Options } from "../mod.ts";
 import { hashConfig } from "../connector.ts";
@@ -165,6 +166,62 @@ describe("redis backend on a Redis Cluster through New()", () => {
     await Promise.all([a.close(), b.close()]);
   });
 
+  it("keeps a lease whose slot migrates to another master (ASK, then MOVED); never two holders", async () => {
+    const options: Options = { ttl: 3_000 };
+    const [holder, competitor] = [cluster(options), cluster({ ...options, dialTimeout: 4_000 })];
+    const name = prefix("migrating");
+    const key = `lock:{${name}}`;
+    const lease = await holder.lock(name);
+    const slot = Number(await probe.cluster("KEYSLOT", key));
+    const from = servers.masterOf(slot);
+    const to = servers.servers.find((s) => s !== from)!;
+    const [fromId, toId] = [from, to].map((s) => s.cli(["CLUSTER", "MYID"]));
+    /** The key's PTTL on `server`, asked after ASKING (an importing master answers it then). */
+    const pttl = (server: RedisServer) =>
+      Number(
+        execFileSync("redis-cli", ["-p", String(server.port)], {
+          input: `ASKING\nPTTL ${key}\n`,
+          encoding: "utf8",
+        }).trim().split("\n").at(-1),
+      );
+    /** Waits for a renewal on `server`: the key's PTTL goes back up between two samples. */
+    const renewedOn = async (server: RedisServer, what: string) => {
+      let last = pttl(server);
+      assert.ok(last > 0, `${key} is on ${what}: PTTL ${last}`);
+      await until(
+        () => {
+          const now = pttl(server);
+          const rose = now > last + 100;
+          last = now;
+          return rose;
+        },
+        5_000,
+        what,
+      );
+    };
+    to.cli(["CLUSTER", "SETSLOT", String(slot), "IMPORTING", fromId]);
+    from.cli(["CLUSTER", "SETSLOT", String(slot), "MIGRATING", toId]);
+    const keys = from.cli(["CLUSTER", "GETKEYSINSLOT", String(slot), "100"]).split("\n");
+    assert.ok(keys.includes(key) && keys.includes(`${key}:fence`), keys.join(", "));
+    from.cli(["MIGRATE", "127.0.0.1", String(to.port), "", "0", "5000", "KEYS", ...keys]);
+    // Mid-migration the old master answers ASK for the moved keys.
+    await renewedOn(to, "a renewal through ASK on the importing master");
+    assert.equal(await competitor.tryLock(name), undefined);
+    for (const server of servers.servers) {
+      server.cli(["CLUSTER", "SETSLOT", String(slot), "NODE", toId]);
+    }
+    // Then MOVED, and the slot map is refreshed.
+    await renewedOn(to, "a renewal through MOVED on the new master");
+    assert.equal(lease.signal.aborted, false, String(lease.signal.reason));
+    assert.equal(await competitor.tryLock(name), undefined);
+    await lease.release();
+    assert.equal(to.cli(["EXISTS", key]), "0");
+    const next = await competitor.lock(name, { timeout: 5_000 });
+    assert.ok(next.token > lease.token, `${next.token} after ${lease.token}`);
+    await next.release();
+    await Promise.all([holder.close(), competitor.close()]);
+  });
+
   it("lets the process exit by itself after close()", async () => {
     await assertExitsAfterClose({
       backend: "redis",
@@ -304,9 +361,15 @@ describe("redis backend on a Redis Cluster with a replica per master, through Ne
       20_000,
       "the old master to follow the new one",
     );
-    const before = Number(promoted.cli(["PTTL", key]));
+    // (Between two samples: a renewal just before the first would leave nothing to rise.)
+    let last = Number(promoted.cli(["PTTL", key]));
     await until(
-      () => Number(promoted.cli(["PTTL", key])) > before + 500,
+      () => {
+        const now = Number(promoted.cli(["PTTL", key]));
+        const rose = now > last + 100;
+        last = now;
+        return rose;
+      },
       15_000,
       "a renewal on the new master",
     );
