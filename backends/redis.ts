@@ -1,8 +1,10 @@
 /**
  * The Redis backend, on npm:ioredis: a fenced lock whose release is
  * published, so waiters in any process try again at once instead of polling.
- * One endpoint is one Redis; several independent endpoints mean the Redlock
- * quorum.
+ * `mode` picks the topology: one Redis, a Redis Cluster (sharded pub/sub
+ * where the servers have it), a Sentinel-managed primary, or several
+ * independent instances for the Redlock quorum. With `waitReplicas`, a grant
+ * and each renewal count only once that many replicas acknowledged them.
  *
  * Keys of the lock `NAME` (all share the hash tag `{NAME}`, so the layout
  * works on Redis Cluster):
@@ -14,8 +16,8 @@
  * | `lock:{NAME}:released`| (a channel) the token of each release, for waiters     |
  *
  * Fencing tokens are monotonic only while Redis keeps the counter: use AOF
- * with `appendfsync always` and no asynchronous failover, or a restart can
- * hand out a token again. A lock key deleted or evicted behind the holder's
+ * with `appendfsync always`, and `waitReplicas` wherever a replica can be
+ * promoted, or a restart or a failover can hand out a token again. A lock key deleted or evicted behind the holder's
  * back is seen at the next renewal (up to `ttl / 3` later) or at the release,
  * which then aborts `lease.signal`: use `maxmemory-policy noeviction`.
  *
@@ -1531,9 +1533,11 @@ const SUBSCRIBER: RedisOptions = {
 /** Whether every master of `cluster` knows SPUBLISH (Redis 7 and later). */
 async function hasShardedPubSub(cluster: Cluster, ms: number): Promise<boolean> {
   let timer: ReturnType<typeof setTimeout> | undefined;
+  const masters = cluster.nodes("master");
+  if (masters.length === 0) return false;
   try {
     const answers = Promise.all(
-      cluster.nodes("master").map((node) => node.call("COMMAND", "INFO", "SPUBLISH")),
+      masters.map((node) => node.call("COMMAND", "INFO", "SPUBLISH")),
     );
     // A node that does not answer in time, or a user without COMMAND: plain pub/sub.
     const late = new Promise<undefined>((resolve) =>
@@ -1596,7 +1600,8 @@ export async function openSharedDriver(options: ResolvedOptions, owner: object):
  * A subscriber connection for a client the caller owns, with options of its
  * own: a `Redis` made with `enableOfflineQueue: false` (as the README advises) would
  * otherwise pass that on, and its SUBSCRIBE would be refused while it
- * connects. A `Cluster` keeps its own subscriber handling.
+ * connects. A `Cluster` keeps its own subscriber handling, and plain pub/sub:
+ * whether its servers have sharded pub/sub is not known before it connects.
  */
 function subscriberOf(client: Redis): Redis {
   if ((client as { isCluster?: boolean }).isCluster === true) return client.duplicate();
