@@ -44,6 +44,27 @@ export interface TlsOptions {
 export type Backend = "etcd" | "redis" | "memory";
 
 /**
+ * How `New()` reaches Redis: one server, a Redis Cluster, a primary that
+ * Sentinels watch over, or independent servers for the Redlock quorum.
+ *
+ * @example A Sentinel-managed primary
+ * ```ts
+ * import { New, type RedisMode } from "@genesis/lock";
+ *
+ * // endpoints are the Sentinels; they say where the primary of "locks" is
+ * const mode: RedisMode = "sentinel";
+ * const locker = New({
+ *   backend: "redis",
+ *   mode,
+ *   masterName: "locks",
+ *   endpoints: ["10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3:26379"],
+ * });
+ * await locker.close(); // nothing was connected: New() connects on first use
+ * ```
+ */
+export type RedisMode = "single" | "cluster" | "sentinel" | "redlock";
+
+/**
  * Options of {@linkcode New}. Every field is optional; as in the Go design,
  * a field left out (or given its zero value: `0`, `""` or `[]`) takes its
  * default. Durations are in milliseconds.
@@ -113,6 +134,39 @@ export interface Options {
    * @default {true}
    */
   autoRenew?: boolean;
+  /**
+   * Redis only: the topology behind `endpoints`. `"single"` is one server;
+   * `"cluster"` takes `endpoints` as seed nodes of one Redis Cluster;
+   * `"sentinel"` takes them as the Sentinels of `masterName`; `"redlock"`
+   * takes them as independent servers, a majority of which must grant a lock.
+   *
+   * @default {"sentinel" with masterName, else "redlock" for several endpoints, else "single"}
+   */
+  mode?: RedisMode;
+  /**
+   * Redis only: the Sentinel master group name (ioredis `name`, go-redis
+   * `MasterName`). Implies `mode: "sentinel"`.
+   */
+  masterName?: string;
+  /** Redis `"sentinel"` only: the user to authenticate to the Sentinels as. */
+  sentinelUsername?: string;
+  /**
+   * Redis `"sentinel"` only: the password of the Sentinels (their
+   * `requirepass`); `password` is the primary's. Never appears in an error
+   * or a log.
+   */
+  sentinelPassword?: string;
+  /**
+   * Redis only: how many replicas must have acknowledged a grant, and every
+   * renewal, before it counts (Redis `WAIT`, within the call's own deadline).
+   * An acquisition fewer replicas acknowledged in time is given back:
+   * `lock()` tries again, `tryLock()` rejects with a
+   * `LockReplicationError`; such a renewal counts as not confirmed. This is
+   * what keeps a lock and its fencing counter across a failover.
+   *
+   * @default {0}
+   */
+  waitReplicas?: number;
 }
 
 /**
@@ -147,6 +201,14 @@ export interface ConnectionConfig {
   tls: false | TlsOptions;
   /** How long connecting may take, in milliseconds. */
   dialTimeout: number;
+  /** Redis only: the topology; absent for the other backends. */
+  mode?: RedisMode;
+  /** Redis only: the Sentinel master group name, or `""` for none. */
+  masterName?: string;
+  /** Redis `"sentinel"` only: the Sentinels' user, or `""` for none. */
+  sentinelUsername?: string;
+  /** Redis `"sentinel"` only: the Sentinels' password, or `""` for none. */
+  sentinelPassword?: string;
 }
 
 /** How a locker behaves, whatever the connection. */
@@ -154,6 +216,8 @@ export interface LeaseSettings {
   ttl: number;
   retryInterval: number;
   autoRenew: boolean;
+  /** Redis only: replicas that must acknowledge a grant or renewal; 0 for none. */
+  waitReplicas: number;
 }
 
 /** Options with every default filled in. */
@@ -181,7 +245,15 @@ const OPTION_NAMES = new Set<string>([
   "ttl",
   "retryInterval",
   "autoRenew",
+  "mode",
+  "masterName",
+  "waitReplicas",
+  "sentinelUsername",
+  "sentinelPassword",
 ]);
+const MODES: RedisMode[] = ["single", "cluster", "sentinel", "redlock"];
+/** The most replicas WAIT is asked for: more than any deployment has. */
+const MAX_REPLICAS = 1_000;
 const TLS_NAMES = new Set<string>(["ca", "cert", "key", "serverName"]);
 
 /** A short, safe description of a received value for an error message. */
@@ -300,9 +372,10 @@ export function resolveOptions(options: unknown): ResolvedOptions {
       `Invalid option "autoRenew": expected a boolean, received ${describe(autoRenew)}`,
     );
   }
-  return {
+  const endpoints = endpointsOption(options.endpoints, backend as Backend);
+  const resolved: ResolvedOptions = {
     backend: backend as Backend,
-    endpoints: endpointsOption(options.endpoints, backend as Backend),
+    endpoints,
     username: text("username", options.username),
     password: text("password", options.password, true),
     tls: tlsOption(options.tls),
@@ -310,7 +383,102 @@ export function resolveOptions(options: unknown): ResolvedOptions {
     ttl: duration("ttl", options.ttl, 10_000),
     retryInterval: duration("retryInterval", options.retryInterval, 100),
     autoRenew,
+    waitReplicas: replicasOption(options.waitReplicas),
   };
+  const masterName = text("masterName", options.masterName);
+  const mode = modeOption(options.mode);
+  const sentinelUsername = text("sentinelUsername", options.sentinelUsername);
+  const sentinelPassword = text("sentinelPassword", options.sentinelPassword, true);
+  if (backend !== "redis") {
+    // Zero values are allowed anywhere: they mean "left out".
+    const given = mode !== undefined
+      ? "mode"
+      : masterName !== ""
+      ? "masterName"
+      : resolved.waitReplicas !== 0
+      ? "waitReplicas"
+      : sentinelUsername !== ""
+      ? "sentinelUsername"
+      : sentinelPassword !== ""
+      ? "sentinelPassword"
+      : undefined;
+    if (given !== undefined) {
+      throw new TypeError(
+        `Invalid option "${given}": it applies to "backend": "redis" only, received "backend": ${
+          describe(backend)
+        }`,
+      );
+    }
+    return resolved;
+  }
+  const redis = { ...resolved, ...topology(mode, masterName, endpoints) };
+  if (redis.mode !== "sentinel") {
+    const given = sentinelUsername !== ""
+      ? "sentinelUsername"
+      : sentinelPassword !== ""
+      ? "sentinelPassword"
+      : undefined;
+    if (given !== undefined) {
+      throw new TypeError(
+        `Invalid options "${given}" and "mode": Sentinel credentials are for "sentinel", received "mode": "${redis.mode}"`,
+      );
+    }
+    return redis;
+  }
+  return { ...redis, sentinelUsername, sentinelPassword };
+}
+
+function modeOption(value: unknown): RedisMode | undefined {
+  if (value === undefined || value === "") return undefined;
+  if (!MODES.includes(value as RedisMode)) {
+    throw new TypeError(
+      `Invalid option "mode": expected "single", "cluster", "sentinel" or "redlock", received ${
+        describe(value)
+      }`,
+    );
+  }
+  return value as RedisMode;
+}
+
+function replicasOption(value: unknown): number {
+  if (value === undefined) return 0;
+  if (typeof value !== "number") {
+    throw new TypeError(
+      `Invalid option "waitReplicas": expected a number of replicas, received ${describe(value)}`,
+    );
+  }
+  if (!Number.isInteger(value) || value < 0 || value > MAX_REPLICAS) {
+    throw new RangeError(
+      `Invalid option "waitReplicas": expected a whole number from 0 to ${MAX_REPLICAS}, received ${value}`,
+    );
+  }
+  return value;
+}
+
+/** The Redis mode and master name, defaulted and checked against each other and `endpoints`. */
+function topology(
+  given: RedisMode | undefined,
+  masterName: string,
+  endpoints: string[],
+): { mode: RedisMode; masterName: string } {
+  const mode = given ??
+    (masterName !== "" ? "sentinel" : endpoints.length > 1 ? "redlock" : "single");
+  if (mode === "single" && endpoints.length > 1) {
+    throw new TypeError(
+      `Invalid options "mode" and "endpoints": "single" takes one endpoint, received ${endpoints.length}`,
+    );
+  }
+  if (mode === "sentinel" && masterName === "") {
+    throw new TypeError(
+      `Invalid options "mode" and "masterName": "sentinel" needs the name of the master group, received none`,
+    );
+  }
+  if (mode !== "sentinel" && masterName !== "") {
+    throw new TypeError(
+      `Invalid options "masterName" and "mode": a master name is for "sentinel", received "mode": "${mode}"`,
+    );
+  }
+  return { mode, masterName };
 }
 
 /**

@@ -184,6 +184,11 @@ export async function hashConfig(config: ConnectionConfig): Promise<string> {
     config.password,
     tls,
     config.dialTimeout,
+    // Redis: one endpoint is a server, a seed node or a Sentinel by mode.
+    config.mode ?? "",
+    config.masterName ?? "",
+    config.sentinelUsername ?? "",
+    config.sentinelPassword ?? "",
   ]);
   const mac = await crypto.subtle.sign(
     "HMAC",

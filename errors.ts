@@ -208,3 +208,44 @@ export class LockAuthError extends LockError {}
  * ```
  */
 export class LockPermissionError extends LockError {}
+
+/**
+ * Redis with `waitReplicas`: the server granted the lock, but fewer replicas
+ * than asked acknowledged it within the call's deadline, so it was given back
+ * and never held. A failover then could have lost it. `tryLock()` rejects
+ * with it; `lock()` tries again until its signal or timeout.
+ *
+ * @example Tell an unreplicated grant from a busy lock
+ * ```ts
+ * import { LockReplicationError } from "@genesis/lock";
+ *
+ * const error = new LockReplicationError(
+ *   'Cannot acquire lock "/a": 0 of 1 replicas acknowledged it within 50 ms',
+ *   { acknowledged: 0, required: 1 },
+ * );
+ * console.log(error.acknowledged, error.required); // 0 1
+ * ```
+ */
+export class LockReplicationError extends LockError {
+  /** How many replicas acknowledged the grant (the fewest, over several instances). */
+  readonly acknowledged: number;
+  /** How many were required (`waitReplicas`). */
+  readonly required: number;
+
+  /**
+   * Creates a replication error.
+   *
+   * @param message The message, in sentence case with no trailing period.
+   * @param counts How many replicas acknowledged, and how many were required.
+   * @param options The standard error options.
+   */
+  constructor(
+    message: string,
+    counts: { acknowledged: number; required: number },
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+    this.acknowledged = counts.acknowledged;
+    this.required = counts.required;
+  }
+}

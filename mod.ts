@@ -25,7 +25,7 @@ import { DriverLocker, type Locker } from "./_locker.ts";
 import { type Options, resolveOptions } from "./_options.ts";
 
 export type { Lease, Locker, LockOptions, LockStatus } from "./_locker.ts";
-export type { Backend, Options, TlsOptions } from "./_options.ts";
+export type { Backend, Options, RedisMode, TlsOptions } from "./_options.ts";
 export {
   LockAuthError,
   LockClosedError,
@@ -34,6 +34,7 @@ export {
   LockLostError,
   LockNotHeldError,
   LockPermissionError,
+  LockReplicationError,
   LockTimeoutError,
 } from "./errors.ts";
 

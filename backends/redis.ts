@@ -1,8 +1,10 @@
 /**
  * The Redis backend, on npm:ioredis: a fenced lock whose release is
  * published, so waiters in any process try again at once instead of polling.
- * One endpoint is one Redis; several independent endpoints mean the Redlock
- * quorum.
+ * `mode` picks the topology: one Redis, a Redis Cluster (sharded pub/sub
+ * where the servers have it), a Sentinel-managed primary, or several
+ * independent instances for the Redlock quorum. With `waitReplicas`, a grant
+ * and each renewal count only once that many replicas acknowledged them.
  *
  * Keys of the lock `NAME` (all share the hash tag `{NAME}`, so the layout
  * works on Redis Cluster):
@@ -14,8 +16,8 @@
  * | `lock:{NAME}:released`| (a channel) the token of each release, for waiters     |
  *
  * Fencing tokens are monotonic only while Redis keeps the counter: use AOF
- * with `appendfsync always` and no asynchronous failover, or a restart can
- * hand out a token again. A lock key deleted or evicted behind the holder's
+ * with `appendfsync always`, and `waitReplicas` wherever a replica can be
+ * promoted, or a restart or a failover can hand out a token again. A lock key deleted or evicted behind the holder's
  * back is seen at the next renewal (up to `ttl / 3` later) or at the release,
  * which then aborts `lease.signal`: use `maxmemory-policy noeviction`.
  *
@@ -36,7 +38,7 @@
  * @module
  */
 
-import { Redis, type RedisOptions } from "ioredis";
+import { Cluster, type ClusterOptions, Redis, type RedisOptions } from "ioredis";
 import { type ClientRef, Connector } from "../connector.ts";
 import {
   LockAuthError,
@@ -44,6 +46,7 @@ import {
   LockError,
   LockLostError,
   LockPermissionError,
+  LockReplicationError,
 } from "../errors.ts";
 import {
   abortable,
@@ -110,7 +113,10 @@ export interface RedisClient {
  * redis.disconnect();
  * ```
  */
-export type RedisLockerOptions = Pick<Options, "ttl" | "autoRenew" | "retryInterval">;
+export type RedisLockerOptions = Pick<
+  Options,
+  "ttl" | "autoRenew" | "retryInterval" | "waitReplicas"
+>;
 
 // KEYS: lock, fence. ARGV: token, ttl ms. Acquires and counts, or reports the wait.
 const ACQUIRE = `
@@ -119,15 +125,18 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {0, redis.call('PTTL', KEYS[1])}`;
 
-// KEYS: lock. ARGV: token, channel. Fenced delete, then wake the waiters.
-// Without a channel (a partial acquisition given back) it wakes nobody:
-// waiters would only find the lock still held on a majority. pcall: a user
-// without rights on the channel still releases (a script is not undone by a
-// later error); its waiters then wake by polling.
+// KEYS: lock. ARGV: token, channel, "s" for sharded pub/sub. Fenced delete,
+// then wake the waiters. Without a channel (a partial acquisition given
+// back) it wakes nobody: waiters would only find the lock still held on a
+// majority. pcall: a user without rights on the channel still releases (a
+// script is not undone by a later error); its waiters then wake by polling.
+// SPUBLISH keeps the message in the lock's slot, on a Cluster.
 const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if ARGV[2] ~= '' then redis.pcall('PUBLISH', ARGV[2], ARGV[1]) end
+  if ARGV[2] ~= '' then
+    redis.pcall(ARGV[3] == 's' and 'SPUBLISH' or 'PUBLISH', ARGV[2], ARGV[1])
+  end
   return 1
 end
 return 0`;
@@ -167,6 +176,28 @@ function keysOf(name: string) {
   return { name, lock: base, fence: `${base}:fence`, channel: `${base}:released` };
 }
 
+/** CRC16-CCITT (XModem) of `bytes`, as Redis Cluster hashes keys. */
+function crc16(bytes: Uint8Array): number {
+  let crc = 0;
+  for (const byte of bytes) {
+    crc ^= byte << 8;
+    for (let bit = 0; bit < 8; bit++) crc = crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1;
+    crc &= 0xffff;
+  }
+  return crc;
+}
+
+/**
+ * The Cluster slot of `key`: the hash of its first non-empty `{...}` tag,
+ * or of the whole key, as Redis and ioredis compute it.
+ */
+function slotOf(key: string): number {
+  const open = key.indexOf("{");
+  const close = open < 0 ? -1 : key.indexOf("}", open + 1);
+  const tagged = close > open + 1 ? key.slice(open + 1, close) : key;
+  return crc16(new TextEncoder().encode(tagged)) % 16384;
+}
+
 /** A random token: 128 bits from Web Crypto, as hex. */
 function randomToken(): string {
   return toHex(crypto.getRandomValues(new Uint8Array(16)));
@@ -186,7 +217,11 @@ async function sha1(script: string): Promise<string> {
 type Kind = "auth" | "permission" | "connection" | "other";
 
 function kindOf(text: string): Kind {
-  if (/^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)/i.test(text)) {
+  // A Sentinel's refusal comes as the last error of ioredis's "All sentinels are unreachable".
+  if (
+    /^(WRONGPASS|NOAUTH)|^ERR (AUTH|invalid password|.*without any password)|sentinels are unreachable.*Last error: (WRONGPASS|NOAUTH)/i
+      .test(text)
+  ) {
     return "auth";
   }
   if (/^NOPERM|can't run this command|user executing the script can't/.test(text)) {
@@ -195,7 +230,7 @@ function kindOf(text: string): Kind {
   // Whole words only: a server's CROSSSLOT is no SSL error, and it never
   // heals by waiting.
   if (
-    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|EAI_AGAIN|Connection is closed|Stream isn't writeable|\bconnect|MaxRetriesPerRequest|Reached the max retries|\bsocket\b|\bTLS\b|\bSSL\b|certificate|max number of clients reached/i
+    /ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|EAI_AGAIN|Connection is closed|Stream isn't writeable|\bconnect|MaxRetriesPerRequest|Reached the max retries|Cluster isn't ready|Cluster is ended|None of startup nodes|Failed to refresh slots|sentinels are unreachable|\bsocket\b|\bTLS\b|\bSSL\b|certificate|max number of clients reached/i
       .test(text)
   ) {
     return "connection";
@@ -207,11 +242,13 @@ function kindOf(text: string): Kind {
  * Replies that mean "not now": a server loading its data, busy with a
  * script, or a cluster between masters.
  */
-const NOT_NOW = /^(LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN)\b/;
+const NOT_NOW =
+  /^(LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN|READONLY)\b|^Too many Cluster redirections/;
 
 /** Whether a failed attempt may succeed later without anything changing on our side. */
 function transient(error: unknown): boolean {
-  if (error instanceof LockConnectionError) return true;
+  // A replica that did not acknowledge in time may catch up.
+  if (error instanceof LockConnectionError || error instanceof LockReplicationError) return true;
   if (error instanceof LockAuthError || error instanceof LockPermissionError) return false;
   const cause = (error as Error)?.cause;
   return NOT_NOW.test(String((cause as Error)?.message ?? ""));
@@ -243,6 +280,13 @@ function translate(
   if (error instanceof LockError) return error;
   const cause = scrub(error, secrets);
   const kind = kindOf(cause.message);
+  if (kind === "other" && /^(MOVED|ASK) /.test(cause.message)) {
+    // Only a client that is not a Cluster client sees a redirection.
+    return new LockError(
+      `${action}: Redis at ${where} is a Redis Cluster node that does not serve this key (use mode "cluster"): ${cause.message}`,
+      { cause },
+    );
+  }
   return errorOf(kind, `${action}: ${PHRASES[kind](where)}: ${cause.message}`, { cause });
 }
 
@@ -264,8 +308,10 @@ interface Pending {
  * again and then wakes its waiters, since a release may have gone unheard.
  */
 class Subscriptions {
-  readonly #make: () => Redis;
-  #subscriber?: Redis;
+  readonly #make: () => Client;
+  /** Sharded pub/sub (SSUBSCRIBE, "smessage"): a Cluster whose servers have it. */
+  readonly sharded: boolean;
+  #subscriber?: Client;
   readonly #listeners = new Map<string, Set<Listener>>();
   /** Channels nobody listens to any more, unsubscribed after a moment unless wanted again. */
   readonly #idle = new Map<string, ReturnType<typeof setTimeout>>();
@@ -278,15 +324,19 @@ class Subscriptions {
   /** Counts connections, so an answer from an old one is not taken for the current one. */
   #generation = 0;
 
-  constructor(make: () => Redis) {
+  constructor(make: () => Client, sharded = false) {
     this.#make = make;
+    this.sharded = sharded;
   }
 
-  #connection(): Redis {
+  #connection(): Client {
     if (this.#subscriber === undefined) {
       const subscriber = this.#make();
       subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
-      subscriber.on("message", (channel: string) => this.#wake(channel));
+      subscriber.on(
+        this.sharded ? "smessage" : "message",
+        (channel: string) => this.#wake(channel),
+      );
       subscriber.on("ready", () => {
         for (const channel of this.#wanted()) this.#send(channel, true);
       });
@@ -320,7 +370,7 @@ class Subscriptions {
     if (subscriber.status !== "ready" || this.#sent.has(channel)) return;
     this.#sent.add(channel);
     const generation = this.#generation;
-    subscriber.subscribe(channel).then(
+    (this.sharded ? subscriber.ssubscribe(channel) : subscriber.subscribe(channel)).then(
       () => {
         if (generation !== this.#generation) return;
         this.#sent.delete(channel);
@@ -387,7 +437,10 @@ class Subscriptions {
           const subscribed = this.#confirmed.delete(channel) || this.#sent.has(channel);
           const subscriber = this.#subscriber;
           if (subscribed && subscriber?.status === "ready") {
-            subscriber.unsubscribe(channel).catch(() => {});
+            const left = this.sharded
+              ? subscriber.sunsubscribe(channel)
+              : subscriber.unsubscribe(channel);
+            left.catch(() => {});
           }
         }, SUBSCRIPTION_LINGER),
       );
@@ -406,10 +459,13 @@ class Subscriptions {
   }
 }
 
-/** One Redis: its client, its subscriber, and how to name it in messages. */
+/** An ioredis connection to one server (or a Sentinel's primary), or to a Redis Cluster. */
+type Client = Redis | Cluster;
+
+/** One Redis (a server, a Sentinel's primary, a Cluster): its client, its subscriber, and how to name it in messages. */
 interface Instance {
   readonly name: string;
-  readonly client: Redis;
+  readonly client: Client;
   readonly subscriptions: Subscriptions;
 }
 
@@ -454,6 +510,31 @@ class Instances {
     return kindOf(String((error as Error)?.message ?? error));
   }
 
+  /**
+   * How many replicas acknowledged the writes made so far on the connection
+   * that wrote `key` (Redis `WAIT`), waiting `ms` at most. WAIT counts the
+   * writes of its own connection, so on a Cluster it goes to the connection
+   * of the master that serves the key's slot, the one the script ran on.
+   * WAIT holds that connection's later commands until it returns.
+   */
+  async replicated(instance: Instance, key: string, replicas: number, ms: number): Promise<number> {
+    const client = instance.client;
+    let server: Redis | undefined;
+    if (client instanceof Cluster) {
+      const owner = client.slots[slotOf(key)]?.[0];
+      // "all": a replica promoted since the last slot refresh may still be listed as one.
+      server = client.nodes("all").find((node) =>
+        `${node.options.host}:${node.options.port}` === owner
+      );
+    } else {
+      server = client;
+    }
+    if (server === undefined) return 0;
+    // WAIT 0 would wait forever.
+    const timeout = Math.max(1, Math.floor(ms));
+    return Number(await server.call("WAIT", replicas, timeout));
+  }
+
   /** Runs a script by SHA, loading it on NOSCRIPT. */
   async run(instance: Instance, script: string, keys: string[], args: (string | number)[]) {
     const sha = shas.get(script) ?? await sha1(script);
@@ -474,7 +555,8 @@ class Instances {
    * `calls` (which never reject), for the caller to undo a late effect.
    * `answers` rejects with `signal.reason` if it aborts first. With
    * `where`, only the instances it picks are called; the others answer
-   * `failed(undefined)` at once.
+   * `failed(undefined)` at once. With `then`, each reply goes through it
+   * before `read` (for a WAIT after the script, within the same deadline).
    */
   each<T>(
     script: string,
@@ -487,12 +569,15 @@ class Instances {
       decided: (answers: (T | undefined)[]) => boolean;
       signal?: AbortSignal;
       where?: (i: number) => boolean;
+      then?: (instance: Instance, reply: unknown) => Promise<unknown>;
     },
   ): { calls: Promise<T>[]; answers: Promise<(T | undefined)[]> } {
-    const { read, failed, bound, decided, signal, where } = options;
+    const { read, failed, bound, decided, signal, where, then } = options;
     const calls = this.list.map((instance, i) =>
       where === undefined || where(i)
-        ? this.run(instance, script, keys, args).then(read).catch(failed)
+        ? this.run(instance, script, keys, args)
+          .then((reply) => then === undefined ? reply : then(instance, reply))
+          .then(read).catch(failed)
         : Promise.resolve(failed(undefined))
     );
     const answers = new Promise<(T | undefined)[]>((resolve, reject) => {
@@ -575,8 +660,23 @@ const CLOSE_GIVE_BACK_BOUND = 5_000;
 /** What one instance answered to an acquisition attempt. */
 type Answer =
   | { kind: "acquired"; fence: number }
+  | { kind: "unreplicated"; fence: number; acked: number; waited: number }
   | { kind: "held"; pttl: number }
   | { kind: "failed"; error: unknown };
+
+/** Whether an answer took the key on its instance (replicated or not): it must be given back unless held. */
+function took(answer: Answer | undefined): boolean {
+  return answer?.kind === "acquired" || answer?.kind === "unreplicated";
+}
+
+/**
+ * How long a WAIT may take so that its answer still arrives before
+ * `deadline` (monotonic ms): three quarters of the time left, the rest for
+ * the reply and for commands queued behind it on the connection.
+ */
+function waitWithin(deadline: number): number {
+  return (deadline - performance.now()) * 0.75;
+}
 
 /** The clock drift allowed for, as Redlock does: 1% of the TTL plus 2 ms. */
 function drift(ttl: number): number {
@@ -701,7 +801,7 @@ class RedisDriver implements Driver {
     signal: AbortSignal,
     action: string,
   ): Promise<{ grant?: Grant; pttl: number }> {
-    const { ttl } = this.#settings;
+    const { ttl, waitReplicas } = this.#settings;
     const instances = this.#instances;
     const { list, quorum } = instances;
     const sentAt = performance.now();
@@ -712,9 +812,23 @@ class RedisDriver implements Driver {
       [keys.lock, keys.fence],
       [token, ttl],
       {
-        read: (reply) => {
+        // A grant counts once `waitReplicas` replicas have it, or a failover
+        // could hand the lock out again with a fencing token gone back.
+        then: async (instance, reply) => {
           const [ok, value] = reply as [number, number];
-          return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
+          if (ok !== 1 || waitReplicas === 0) return reply;
+          const waited = waitWithin(sentAt + bound);
+          const acked = await instances.replicated(instance, keys.lock, waitReplicas, waited)
+            .catch(() => 0);
+          return [ok, value, acked, waited];
+        },
+        read: (reply) => {
+          const [ok, value, acked, waited] = reply as [number, number, number?, number?];
+          if (ok !== 1) return { kind: "held", pttl: value };
+          if (acked !== undefined && acked < waitReplicas) {
+            return { kind: "unreplicated", fence: value, acked, waited: waited! };
+          }
+          return { kind: "acquired", fence: value };
         },
         failed: (error) => ({ kind: "failed", error }),
         bound,
@@ -762,14 +876,29 @@ class RedisDriver implements Driver {
       this.#giveBackLate(calls, answered, keys, token, held.ended);
       return { grant: held.grant, pttl: 0 };
     }
-    // Acquired on a quorum, too late to hold: waiters saw it held, so wake them.
-    await this.#releaseWhere(results, keys, token, bound, acquired.length >= quorum);
+    // Taken on a quorum, too late to hold or not replicated: waiters saw it
+    // held, so wake them.
+    await this.#releaseWhere(results, keys, token, bound, results.filter(took).length >= quorum);
     this.#giveBackLate(calls, answered, keys, token, () => true);
     const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
       a.kind === "failed"
     );
     const fatal = failed.find((f) => ["auth", "permission"].includes(instances.kind(f.error)));
     if (fatal) throw this.#describe(fatal.error, results, action, token);
+    const unreplicated = results.filter((a): a is Extract<Answer, { kind: "unreplicated" }> =>
+      a.kind === "unreplicated"
+    );
+    if (unreplicated.length > 0 && acquired.length + unreplicated.length >= quorum) {
+      // Granted, but not safe across a failover: given back above, and said so.
+      const fewest = unreplicated.reduce((a, b) => b.acked < a.acked ? b : a);
+      const where = list[results.indexOf(fewest)].name;
+      throw new LockReplicationError(
+        `${action}: ${fewest.acked} of ${waitReplicas} replicas acknowledged the grant on Redis at ${where} within ${
+          Math.max(0, Math.round(fewest.waited))
+        } ms, so it was given back`,
+        { acknowledged: fewest.acked, required: waitReplicas },
+      );
+    }
     if (list.length - failed.length < quorum) {
       throw this.#describe(undefined, results, action, token);
     }
@@ -795,9 +924,7 @@ class RedisDriver implements Driver {
       // close() waits for it (bounded): the give-back needs the connection.
       this.#instances.giveBackLate(
         call.then((answer) =>
-          answer.kind === "acquired" && unwanted()
-            ? this.#giveBack(i, keys, token, wake)
-            : undefined
+          took(answer) && unwanted() ? this.#giveBack(i, keys, token, wake) : undefined
         ),
         performance.now() + this.#settings.ttl,
       );
@@ -818,7 +945,8 @@ class RedisDriver implements Driver {
   ): Promise<void> {
     const instance = this.#instances.list[i];
     const channel = wake ? keys.channel : "";
-    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel]).then(
+    const sharded = instance.subscriptions.sharded ? "s" : "";
+    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel, sharded]).then(
       () => {},
       () => {},
     );
@@ -835,6 +963,9 @@ class RedisDriver implements Driver {
     const parts = results.map((answer, i) => {
       const where = list[i].name;
       if (answer.kind === "acquired") return `${where} granted it`;
+      if (answer.kind === "unreplicated") {
+        return `${where} granted it, but only ${answer.acked} replicas acknowledged`;
+      }
       if (answer.kind === "held") return `${where} has it held by another holder`;
       return `${where}: ${this.#instances.detail(answer.error, token)}`;
     });
@@ -890,9 +1021,7 @@ class RedisDriver implements Driver {
     wake = false,
   ): Promise<void> {
     const given = Promise.all(
-      results.map((answer, i) =>
-        answer.kind === "acquired" ? this.#giveBack(i, keys, token, wake) : undefined
-      ),
+      results.map((answer, i) => took(answer) ? this.#giveBack(i, keys, token, wake) : undefined),
     );
     let timer: ReturnType<typeof setTimeout> | undefined;
     try {
@@ -917,7 +1046,7 @@ class RedisDriver implements Driver {
     fence: bigint,
     sentAt: number,
   ): { grant: Grant; ended: () => boolean } {
-    const { ttl, autoRenew } = this.#settings;
+    const { ttl, autoRenew, waitReplicas } = this.#settings;
     const instances = this.#instances;
     const { list, quorum } = instances;
     const name = keys.name;
@@ -929,7 +1058,20 @@ class RedisDriver implements Driver {
       const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
         replies.filter((r) => r !== undefined && which.includes(r)).length;
       const { calls, answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
-        read: (reply) => reply === 1 ? "renewed" : reply === -1 ? "missing" : "refused",
+        // A renewal that the replicas do not have would not survive a
+        // failover: not confirmed, and the deadline decides.
+        then: async (instance, reply) => {
+          if (reply !== 1 || waitReplicas === 0) return reply;
+          const acked = await instances.replicated(
+            instance,
+            keys.lock,
+            waitReplicas,
+            waitWithin(clock.deadline),
+          );
+          return acked >= waitReplicas ? reply : "unacknowledged";
+        },
+        read: (reply) =>
+          reply === 1 ? "renewed" : reply === -1 ? "missing" : reply === 0 ? "refused" : "failed",
         failed: () => "failed",
         // Past the lease's deadline no answer can save it.
         bound: clock.deadline - sent,
@@ -976,7 +1118,9 @@ class RedisDriver implements Driver {
       const failed = (r: Reply) => typeof r === "object";
       // Past the lease's deadline (and the drift allowed) the key has expired anyway.
       const bound = clock.deadline - performance.now() + drift(ttl);
-      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], [token, keys.channel], {
+      const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
+      const args = [token, keys.channel, sharded];
+      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
         read: (reply) => reply === 1 ? "deleted" : "not ours",
         failed: (error) => ({ error }),
         bound,
@@ -1054,6 +1198,11 @@ async function readStatus(instances: Instances, name: string): Promise<LockStatu
   };
 }
 
+/** The secrets of `config`, scrubbed from every error. */
+function secretsOf(config: ConnectionConfig): string[] {
+  return [config.password, config.sentinelPassword ?? ""].filter((secret) => secret !== "");
+}
+
 /** host and port of an endpoint. */
 function hostPort(endpoint: string): { host: string; port: number } {
   const match = /^(?:rediss?:\/\/)?(.+):(\d+)\/?$/.exec(endpoint);
@@ -1097,12 +1246,33 @@ function clientOptions(
 }
 
 /** Connects one instance and proves the credentials, within `dialTimeout`. */
-async function connectOne(config: ConnectionConfig, endpoint: string): Promise<Redis> {
+function connectOne(config: ConnectionConfig, endpoint: string): Promise<Redis> {
+  return dial(
+    config,
+    endpoint,
+    (connected) => new Redis(clientOptions(config, endpoint, connected)),
+    (client) => [client],
+    endpoint,
+  );
+}
+
+/**
+ * Connects `make`'s client and proves the credentials on every server it
+ * reaches (`servers`), within `dialTimeout`. With `probe`, a server that hung
+ * up at once is asked why.
+ */
+async function dial<C extends Client>(
+  config: ConnectionConfig,
+  where: string,
+  make: (connected: () => boolean) => C,
+  servers: (client: C) => Redis[],
+  probe?: string,
+): Promise<C> {
   let connected = false;
-  const client = new Redis(clientOptions(config, endpoint, () => connected));
+  const client = make(() => connected);
   const errors: unknown[] = [];
   client.on("error", (error) => errors.push(error));
-  const action = `Cannot connect to Redis at ${endpoint}`;
+  const action = `Cannot connect to Redis at ${where}`;
   const started = performance.now();
   let timer: ReturnType<typeof setTimeout> | undefined;
   try {
@@ -1127,7 +1297,7 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
           const args = config.username !== ""
             ? [config.username, config.password]
             : [config.password];
-          await client.call("AUTH", ...args);
+          await Promise.all(servers(client).map((server) => server.call("AUTH", ...args)));
         }
       })(),
       timeout,
@@ -1140,11 +1310,65 @@ async function connectOne(config: ConnectionConfig, endpoint: string): Promise<R
     const hungUp = /Connection is closed|EPIPE|ECONNRESET/.test(String((error as Error)?.message));
     // Redis writes its reason as soon as it accepts: a second is plenty to read it.
     const probeFor = Math.min(left, 1_000);
-    const reason = hungUp && left > 0 ? await hangUpReason(config, endpoint, probeFor) : undefined;
-    throw translate(reason ?? error, action, endpoint, [config.password]);
+    const reason = probe !== undefined && hungUp && left > 0
+      ? await hangUpReason(config, probe, probeFor)
+      : undefined;
+    throw translate(reason ?? error, action, where, secretsOf(config));
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * A Redis Cluster client with the single server's policy: nothing queued
+ * while the cluster is not ready, nothing re-sent after its connection
+ * closed (it may have run). Redirections (MOVED, ASK) and replies that say
+ * the command did not run (TRYAGAIN, CLUSTERDOWN) are retried by ioredis;
+ * each call's own deadline still bounds them.
+ */
+function clusterClient(config: ConnectionConfig, connected: () => boolean): Cluster {
+  const {
+    host: _host,
+    port: _port,
+    retryStrategy: _retry,
+    lazyConnect: _lazy,
+    enableOfflineQueue: _queue,
+    ...redisOptions
+  } = clientOptions(config, "127.0.0.1:0", connected);
+  const options: ClusterOptions = {
+    lazyConnect: true,
+    enableOfflineQueue: false,
+    // 0: a command whose connection closed is failed, not sent again.
+    retryDelayOnFailover: 0,
+    retryDelayOnClusterDown: 100,
+    retryDelayOnTryAgain: 100,
+    slotsRefreshTimeout: Math.min(config.dialTimeout, 2_000),
+    clusterRetryStrategy: (times) => connected() ? Math.min(50 * 2 ** times, 2_000) : null,
+    // The cluster decides reconnections (clusterRetryStrategy); a node never retries alone.
+    redisOptions,
+  };
+  return new Cluster(config.endpoints.map(hostPort), options);
+}
+
+/**
+ * A client of the primary that the Sentinels at `config.endpoints` name for
+ * `config.masterName`. A primary demoted to a replica answers writes with
+ * READONLY: the client then reconnects and asks the Sentinels again.
+ */
+function sentinelClient(config: ConnectionConfig, connected: () => boolean): Redis {
+  const { host: _host, port: _port, ...options } = clientOptions(config, "127.0.0.1:0", connected);
+  return new Redis({
+    ...options,
+    sentinels: config.endpoints.map(hostPort),
+    name: config.masterName,
+    ...(config.sentinelUsername ? { sentinelUsername: config.sentinelUsername } : {}),
+    ...(config.sentinelPassword ? { sentinelPassword: config.sentinelPassword } : {}),
+    role: "master",
+    enableTLSForSentinelMode: config.tls !== false,
+    sentinelRetryStrategy: (times) => connected() ? Math.min(50 * 2 ** times, 2_000) : null,
+    // 1: reconnect, and send nothing again.
+    reconnectOnError: (error) => /^READONLY/.test(error.message) ? 1 : false,
+  });
 }
 
 /**
@@ -1188,8 +1412,44 @@ async function hangUpReason(
   return reason;
 }
 
-/** Connects every endpoint: one Redis, or the independent instances of Redlock. */
+/** Connects as `config.mode` says: one Redis, a Cluster, a Sentinel's primary, or the Redlock set. */
 async function connect(config: ConnectionConfig): Promise<Instances> {
+  if (config.mode === "cluster") {
+    const where = `${config.endpoints.join(", ")} (cluster)`;
+    const cluster = await dial(
+      config,
+      where,
+      (connected) => clusterClient(config, connected),
+      (client) => client.nodes("master"),
+    );
+    // Sharded pub/sub where every master has it (Redis 7): a release then
+    // reaches its waiters through the lock's own slot, not every node.
+    const sharded = await hasShardedPubSub(cluster, config.dialTimeout);
+    const subscriber = sharded
+      ? { ...CLUSTER_SUBSCRIBER, shardedSubscribers: true }
+      : CLUSTER_SUBSCRIBER;
+    return new Instances([{
+      name: where,
+      client: cluster,
+      subscriptions: new Subscriptions(() => cluster.duplicate([], subscriber), sharded),
+    }], secretsOf(config));
+  }
+  if (config.mode === "sentinel") {
+    const where = `master ${JSON.stringify(config.masterName)} via Sentinels ${
+      config.endpoints.join(", ")
+    }`;
+    const primary = await dial(
+      config,
+      where,
+      (connected) => sentinelClient(config, connected),
+      (client) => [client],
+    );
+    return new Instances([{
+      name: where,
+      client: primary,
+      subscriptions: new Subscriptions(() => primary.duplicate(SUBSCRIBER)),
+    }], secretsOf(config));
+  }
   const settled = await Promise.allSettled(config.endpoints.map((e) => connectOne(config, e)));
   const clients = settled.map((s) => s.status === "fulfilled" ? s.value : undefined);
   const failures = settled.filter((s): s is PromiseRejectedResult => s.status === "rejected");
@@ -1217,7 +1477,7 @@ async function connect(config: ConnectionConfig): Promise<Instances> {
       subscriptions: new Subscriptions(() => client.duplicate(SUBSCRIBER)),
     };
   });
-  return new Instances(list, [config.password]);
+  return new Instances(list, secretsOf(config));
 }
 
 /** A client for an instance that was down at connect time: it keeps trying in the background. */
@@ -1233,7 +1493,7 @@ function standby(config: ConnectionConfig, endpoint: string): Redis {
  * end leaves no timer behind, and not disconnecting an ended client avoids
  * arming one that no close will clear.
  */
-async function hangUp(client: Redis): Promise<void> {
+async function hangUp(client: Client): Promise<void> {
   if (client.status === "end") return;
   // Without a live socket, no close event will clear that timer: let it run out.
   const live = client.status === "ready" || client.status === "connect";
@@ -1268,6 +1528,39 @@ const SUBSCRIBER: RedisOptions = {
   retryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
   // hangUp() counts on it.
   disconnectTimeout: DISCONNECT_TIMEOUT,
+};
+
+/** Whether every master of `cluster` knows SPUBLISH (Redis 7 and later). */
+async function hasShardedPubSub(cluster: Cluster, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const masters = cluster.nodes("master");
+  if (masters.length === 0) return false;
+  try {
+    const answers = Promise.all(
+      masters.map((node) => node.call("COMMAND", "INFO", "SPUBLISH")),
+    );
+    // A node that does not answer in time, or a user without COMMAND: plain pub/sub.
+    const late = new Promise<undefined>((resolve) =>
+      timer = setTimeout(() => resolve(undefined), ms)
+    );
+    const infos = await Promise.race([answers, late]);
+    return infos?.every((info) => Array.isArray(info) && info[0] !== null) ?? false;
+  } catch {
+    return false;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Options of a Cluster's subscriber: as `SUBSCRIBER`, reconnecting for as
+ * long as it lives. ioredis picks the node and subscribes again after a node
+ * change; a reconnect of the whole cluster is seen by `Subscriptions`.
+ */
+const CLUSTER_SUBSCRIBER: ClusterOptions = {
+  lazyConnect: false,
+  enableOfflineQueue: false,
+  clusterRetryStrategy: (times) => Math.min(50 * 2 ** times, 2_000),
 };
 
 async function disconnect(instances: Instances): Promise<void> {
@@ -1307,7 +1600,8 @@ export async function openSharedDriver(options: ResolvedOptions, owner: object):
  * A subscriber connection for a client the caller owns, with options of its
  * own: a `Redis` made with `enableOfflineQueue: false` (as the README advises) would
  * otherwise pass that on, and its SUBSCRIBE would be refused while it
- * connects. A `Cluster` keeps its own subscriber handling.
+ * connects. A `Cluster` keeps its own subscriber handling, and plain pub/sub:
+ * whether its servers have sharded pub/sub is not known before it connects.
  */
 function subscriberOf(client: Redis): Redis {
   if ((client as { isCluster?: boolean }).isCluster === true) return client.duplicate();

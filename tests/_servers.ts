@@ -53,6 +53,27 @@ export function freePort(): Promise<number> {
   });
 }
 
+/**
+ * A free port at most 55535 whose port + 10000 is free too: a Redis Cluster
+ * node listens for its bus there, and ports stop at 65535.
+ */
+export async function freeClusterPort(): Promise<number> {
+  for (let i = 0; i < 200; i++) {
+    const port = await freePort();
+    if (port <= 55535 && await isFree(port + 10_000)) return port;
+  }
+  throw new Error("No free port pair (port, port + 10000) at or below 55535");
+}
+
+function isFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.unref();
+    server.on("error", () => resolve(false));
+    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)));
+  });
+}
+
 /** A temporary folder, removed by the returned function. */
 export function tempDir(label: string): { path: string; remove(): void } {
   const path = mkdtempSync(join(tmpdir(), `genesis-lock-${label}-`));
@@ -408,6 +429,8 @@ export interface RedisOptions {
   args?: string[];
   /** TLS only, on the port: the server's certificate and key, and the CA. */
   tls?: { cert: string; key: string; ca: string };
+  /** The port, if not any free one. */
+  port?: number;
 }
 
 /** A redis-server on a free loopback port, in a temporary folder. */
@@ -425,7 +448,7 @@ export class RedisServer implements AsyncDisposable {
   /** Starts a server and waits until it accepts connections. */
   static async start(options: RedisOptions = {}): Promise<RedisServer> {
     requireBinary("redis-server");
-    const server = new RedisServer(await freePort(), options);
+    const server = new RedisServer(options.port ?? await freePort(), options);
     try {
       await server.restart();
     } catch (error) {
@@ -512,7 +535,13 @@ export class RedisServer implements AsyncDisposable {
   }
 }
 
-/** A Redis Cluster of three masters (no replicas) on loopback, made with redis-cli. */
+/** Options of {@linkcode RedisClusterServers.start}. */
+export interface RedisClusterOptions {
+  /** Replicas per master (0 or 1). */
+  replicas?: number;
+}
+
+/** A Redis Cluster of three masters (with `replicas` each) on loopback, made with redis-cli. */
 export class RedisClusterServers implements AsyncDisposable {
   readonly servers: RedisServer[];
 
@@ -520,25 +549,33 @@ export class RedisClusterServers implements AsyncDisposable {
     this.servers = servers;
   }
 
-  /** Starts three cluster-enabled servers, joins them, and waits for cluster_state:ok. */
-  static async start(): Promise<RedisClusterServers> {
+  /** Starts cluster-enabled servers, joins them, and waits for cluster_state:ok. */
+  static async start(options: RedisClusterOptions = {}): Promise<RedisClusterServers> {
     requireBinary("redis-cli");
+    const replicas = options.replicas ?? 0;
     const args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
-    const servers = await Promise.all([0, 1, 2].map(() => RedisServer.start({ args })));
+    // With replicas, a master is failed over 2 s after it stops answering
+    // (not 15 s); without, a busy node is never taken for a failed one.
+    if (replicas > 0) args.push("--cluster-node-timeout", "2000");
+    const servers: RedisServer[] = [];
     const cluster = new RedisClusterServers(servers);
     try {
+      // One at a time: each port pair is checked free just before its server takes it.
+      for (let i = 0; i < 3 * (1 + replicas); i++) {
+        servers.push(await RedisServer.start({ args, port: await freeClusterPort() }));
+      }
       execFileSync("redis-cli", [
         "--cluster",
         "create",
         ...servers.map((s) => s.endpoint),
         "--cluster-replicas",
-        "0",
+        String(replicas),
         "--cluster-yes",
       ], { stdio: "pipe" });
-      const deadline = performance.now() + 20_000;
-      while (!servers.every((s) => s.cli(["CLUSTER", "INFO"]).includes("cluster_state:ok"))) {
+      const deadline = performance.now() + 30_000;
+      while (!cluster.#settled()) {
         if (performance.now() > deadline) {
-          throw new Error("The Redis Cluster did not reach cluster_state:ok");
+          throw new Error("The Redis Cluster did not reach cluster_state:ok on every node");
         }
         await sleep(100);
       }
@@ -549,9 +586,40 @@ export class RedisClusterServers implements AsyncDisposable {
     return cluster;
   }
 
+  /** Every running node says cluster_state:ok, and every replica's link to its master is up. */
+  #settled(): boolean {
+    return this.servers.filter((s) => s.child !== undefined).every((s) => {
+      if (!s.cli(["CLUSTER", "INFO"]).includes("cluster_state:ok")) return false;
+      const replication = s.cli(["INFO", "replication"]);
+      return !replication.includes("role:slave") || replication.includes("master_link_status:up");
+    });
+  }
+
   /** The seed nodes, as ioredis's Cluster takes them. */
   get nodes(): { host: string; port: number }[] {
     return this.servers.map((s) => ({ host: "127.0.0.1", port: s.port }));
+  }
+
+  /** The seed nodes as `host:port`. */
+  get endpoints(): string[] {
+    return this.servers.map((s) => s.endpoint);
+  }
+
+  /** The server that is master of `slot` now, asked of a running node. */
+  masterOf(slot: number): RedisServer {
+    const asker = this.servers.find((s) => s.child !== undefined)!;
+    const line = asker.cli(["CLUSTER", "NODES"]).split("\n").find((l) => {
+      const fields = l.split(" ");
+      return fields[2].includes("master") && !fields[2].includes("fail") &&
+        fields.slice(8).some((range) => {
+          const [from, to] = range.split("-").map(Number);
+          return slot >= from && slot <= (to ?? from);
+        });
+    });
+    const port = Number(line?.split(" ")[1].split("@")[0].split(":")[1]);
+    const server = this.servers.find((s) => s.port === port);
+    if (!server) throw new Error(`No master serves slot ${slot}`);
+    return server;
   }
 
   async stop(): Promise<void> {
@@ -561,4 +629,193 @@ export class RedisClusterServers implements AsyncDisposable {
   [Symbol.asyncDispose](): Promise<void> {
     return this.stop();
   }
+}
+
+/** Options of {@linkcode RedisSentinels.start}. */
+export interface RedisSentinelOptions {
+  /** The master group name. */
+  masterName?: string;
+  /** How long a silent primary takes to count as down. */
+  downAfterMs?: number;
+  /** How many replicas (1 or more). */
+  replicas?: number;
+  /** The Sentinels' `requirepass` (they use it with each other too). */
+  sentinelPassword?: string;
+}
+
+/**
+ * A primary, its replicas (one unless told) and three Sentinels (quorum 2) on
+ * loopback. After a failover a replica is the primary; `primary` and
+ * `replica` follow.
+ */
+export class RedisSentinels implements AsyncDisposable {
+  readonly masterName: string;
+  /** The data servers, the first started as primary. */
+  readonly servers: RedisServer[];
+  readonly sentinels: Child[] = [];
+  readonly sentinelPorts: number[] = [];
+  readonly #dir = tempDir("sentinel");
+  /** redis-cli's arguments to authenticate to a Sentinel. */
+  readonly #auth: string[];
+
+  private constructor(masterName: string, servers: RedisServer[], password?: string) {
+    this.masterName = masterName;
+    this.servers = servers;
+    this.#auth = password ? ["--no-auth-warning", "-a", password] : [];
+  }
+
+  static async start(options: RedisSentinelOptions = {}): Promise<RedisSentinels> {
+    requireBinary("redis-server");
+    const masterName = options.masterName ?? "locks";
+    const primary = await RedisServer.start();
+    const servers = [primary];
+    const setup = new RedisSentinels(masterName, servers, options.sentinelPassword);
+    const replicas = options.replicas ?? 1;
+    try {
+      for (let i = 0; i < replicas; i++) {
+        servers.push(
+          await RedisServer.start({ args: ["--replicaof", "127.0.0.1", String(primary.port)] }),
+        );
+      }
+      await setup.#until(
+        () =>
+          servers.slice(1).every((s) =>
+            s.cli(["INFO", "replication"]).includes("master_link_status:up")
+          ),
+        "the replicas to sync",
+      );
+      for (let i = 0; i < 3; i++) {
+        const port = await freePort();
+        const file = join(setup.#dir.path, `sentinel-${i}.conf`);
+        writeFileSync(
+          file,
+          [
+            `port ${port}`,
+            "bind 127.0.0.1",
+            `dir ${setup.#dir.path}`,
+            `sentinel monitor ${masterName} 127.0.0.1 ${primary.port} 2`,
+            `sentinel down-after-milliseconds ${masterName} ${options.downAfterMs ?? 1_000}`,
+            `sentinel failover-timeout ${masterName} 10000`,
+            `sentinel parallel-syncs ${masterName} 1`,
+            ...(options.sentinelPassword
+              ? [
+                `requirepass ${options.sentinelPassword}`,
+                `sentinel sentinel-pass ${options.sentinelPassword}`,
+              ]
+              : []),
+            "",
+          ].join("\n"),
+        );
+        const child = new Child("redis-server", [file, "--sentinel"]);
+        setup.sentinels.push(child);
+        setup.sentinelPorts.push(port);
+        await child.waitFor(/\+monitor master/);
+      }
+      // Each Sentinel has found the replica and the other Sentinels.
+      await setup.#until(
+        () =>
+          setup.sentinelPorts.every((port) => {
+            const info = cliAt(port, [...setup.#auth, "SENTINEL", "MASTER", masterName]);
+            return info.includes(`num-slaves\n${replicas}\n`) &&
+              /num-other-sentinels\n2\n/.test(info);
+          }),
+        "the Sentinels to find the replica and each other",
+      );
+    } catch (error) {
+      await setup.stop();
+      throw error;
+    }
+    return setup;
+  }
+
+  async #until(ready: () => boolean, what: string, ms = 30_000): Promise<void> {
+    const deadline = performance.now() + ms;
+    while (!ready()) {
+      if (performance.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
+      await sleep(100);
+    }
+  }
+
+  /** The Sentinels, as `host:port`. */
+  get endpoints(): string[] {
+    return this.sentinelPorts.map((port) => `127.0.0.1:${port}`);
+  }
+
+  /** The port the Sentinels name as primary now. */
+  primaryPort(): number {
+    for (const port of this.sentinelPorts) {
+      try {
+        const reply = cliAt(port, [
+          ...this.#auth,
+          "SENTINEL",
+          "GET-MASTER-ADDR-BY-NAME",
+          this.masterName,
+        ]);
+        return Number(reply.split("\n")[1]);
+      } catch {
+        // That Sentinel is down: ask the next.
+      }
+    }
+    throw new Error("No Sentinel answered");
+  }
+
+  /** The data server the Sentinels name as primary now. */
+  get primary(): RedisServer {
+    const port = this.primaryPort();
+    return this.servers.find((s) => s.port === port)!;
+  }
+
+  /** A data server other than the primary. */
+  get replica(): RedisServer {
+    const port = this.primaryPort();
+    return this.servers.find((s) => s.port !== port)!;
+  }
+
+  /** Waits until every replica of the primary now has its link to it up. */
+  async replicasSynced(ms = 30_000): Promise<void> {
+    await this.#until(
+      () => {
+        const port = this.primaryPort();
+        const primary = this.servers.find((s) => s.port === port)!;
+        const info = primary.cli(["INFO", "replication"]);
+        const online = (info.match(/state=online/g) ?? []).length;
+        return online === this.servers.filter((s) => s.child !== undefined).length - 1;
+      },
+      "the replicas to follow the primary",
+      ms,
+    );
+  }
+
+  /** Waits until the Sentinels name a primary other than `port`, and it accepts writes. */
+  async failedOverFrom(port: number, ms = 30_000): Promise<RedisServer> {
+    await this.#until(
+      () => {
+        const now = this.primaryPort();
+        if (now === port) return false;
+        const server = this.servers.find((s) => s.port === now);
+        return server?.cli(["INFO", "replication"]).includes("role:master") ?? false;
+      },
+      `a failover away from port ${port}`,
+      ms,
+    );
+    return this.primary;
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.sentinels.map((child) => child.stop()));
+    await Promise.all(this.servers.map((s) => s.stop()));
+    this.#dir.remove();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+}
+
+/** redis-cli against a port on loopback. */
+function cliAt(port: number, args: string[]): string {
+  return execFileSync("redis-cli", ["-h", "127.0.0.1", "-p", String(port), ...args], {
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "pipe"],
+  }).trim();
 }
