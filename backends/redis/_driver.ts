@@ -1,0 +1,562 @@
+// The driver: acquiring, renewing and releasing on a quorum of instances, and reading status.
+
+import {
+  LockConnectionError,
+  type LockError,
+  LockLostError,
+  LockReplicationError,
+} from "../../errors.ts";
+import { abortable, type Driver, type Grant, type LockStatus } from "../../_locker.ts";
+import type { LeaseSettings } from "../../_options.ts";
+import { LeaseClock, type Renewal } from "../../_lease_clock.ts";
+import { errorOf, Silence, transient } from "./_errors.ts";
+import type { Instances } from "./_instances.ts";
+import {
+  ACQUIRE,
+  keysOf,
+  RAISE,
+  randomToken,
+  RELEASE,
+  RENEW,
+  RESTORE,
+  STATUS,
+} from "./_scripts.ts";
+import type { Listener } from "./_subscriptions.ts";
+
+/** What one instance answered to an acquisition attempt. */
+type Answer =
+  | { kind: "acquired"; fence: number }
+  | { kind: "unreplicated"; fence: number; acked: number; waited: number }
+  | { kind: "held"; pttl: number }
+  | { kind: "failed"; error: unknown };
+
+/** Whether an answer took the key on its instance (replicated or not): it must be given back unless held. */
+function took(answer: Answer | undefined): boolean {
+  return answer?.kind === "acquired" || answer?.kind === "unreplicated";
+}
+
+/**
+ * How long a WAIT may take so that its answer still arrives before
+ * `deadline` (monotonic ms): three quarters of the time left, the rest for
+ * the reply and for commands queued behind it on the connection.
+ */
+function waitWithin(deadline: number): number {
+  return (deadline - performance.now()) * 0.75;
+}
+
+/** The clock drift allowed for, as Redlock does: 1% of the TTL plus 2 ms. */
+function drift(ttl: number): number {
+  return Math.floor(ttl * 0.01) + 2;
+}
+
+/** The Redis driver: acquisitions, renewals and releases on one or several instances. */
+export class RedisDriver implements Driver {
+  readonly #instances: Instances;
+  readonly #settings: LeaseSettings;
+  readonly #onClose: () => Promise<void>;
+
+  constructor(
+    instances: Instances,
+    settings: LeaseSettings,
+    onClose: () => Promise<void>,
+  ) {
+    this.#instances = instances;
+    this.#settings = settings;
+    this.#onClose = onClose;
+  }
+
+  async acquire(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
+    const contenders = this.#instances.contenders;
+    if (wait) await contenders.enter(name, signal);
+    else if (!contenders.tryEnter(name)) return undefined;
+    try {
+      return await this.#contend(name, wait, signal);
+    } finally {
+      contenders.leave(name);
+    }
+  }
+
+  async #contend(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
+    const keys = keysOf(name);
+    const action = `Cannot acquire lock ${JSON.stringify(name)}`;
+    const token = randomToken();
+    let woken: Listener = () => {};
+    const wake = () => woken();
+    const unsubscribe: (() => void)[] = [];
+    try {
+      for (;;) {
+        const woke = new Promise<void>((resolve) => woken = resolve);
+        let attempt: { grant?: Grant; pttl: number };
+        try {
+          attempt = await this.#attempt(keys, token, signal, action);
+        } catch (error) {
+          // A waiter outlives a transient loss of connection (a restart, a
+          // failover): only its own signal, or what no retry cures (auth,
+          // permission), ends it. The first connect already proved the server.
+          if (!wait || signal.aborted || !transient(error)) throw error;
+          await this.#sleep(this.#settings.retryInterval, woke, signal);
+          continue;
+        }
+        if (attempt.grant) return attempt.grant;
+        if (!wait) return undefined;
+        if (unsubscribe.length === 0) {
+          // Held: subscribe, then try once more before waiting, so a release
+          // between the failed attempt and the subscription still counts.
+          // The uncontended path pays no SUBSCRIBE round trip.
+          await this.#subscribe(keys.channel, wake, unsubscribe, signal);
+          continue;
+        }
+        // Wait for a release, or poll: never past the holder's expiry.
+        const poll = Math.max(1, Math.min(this.#settings.retryInterval, attempt.pttl + 1));
+        await this.#sleep(poll, woke, signal);
+      }
+    } finally {
+      for (const remove of unsubscribe) remove();
+    }
+  }
+
+  /**
+   * Subscribes to `channel` on every instance. An instance slow to confirm
+   * (down, say) holds this up for one poll interval at most: the poll covers
+   * a message missed meanwhile.
+   */
+  async #subscribe(
+    channel: string,
+    wake: Listener,
+    unsubscribe: (() => void)[],
+    signal: AbortSignal,
+  ): Promise<void> {
+    const ready = this.#instances.list.map((instance) => {
+      const subscription = instance.subscriptions.add(channel, wake);
+      unsubscribe.push(subscription.remove);
+      return subscription.ready;
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const bound = new Promise((resolve) =>
+      timer = setTimeout(resolve, this.#settings.retryInterval)
+    );
+    try {
+      await abortable(Promise.race([Promise.all(ready), bound]), signal);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Resolves after `ms`, or when woken; rejects with the signal's reason. */
+  async #sleep(ms: number, woke: Promise<void>, signal: AbortSignal): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const elapsed = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
+    try {
+      await abortable(Promise.race([elapsed, woke]), signal);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /**
+   * One attempt on every instance at once. Acquired on a quorum within the
+   * validity time: a grant. Otherwise whatever was acquired is given back,
+   * and the shortest remaining PTTL tells how long to wait at most. A quorum
+   * of answers decides: an instance that has not answered by then (stalled,
+   * partitioned) holds nobody up, and what its SET does when it runs late is
+   * given back unless it joined a lease that is still held.
+   */
+  async #attempt(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    signal: AbortSignal,
+    action: string,
+  ): Promise<{ grant?: Grant; pttl: number }> {
+    const { ttl, waitReplicas } = this.#settings;
+    const instances = this.#instances;
+    const { list, quorum } = instances;
+    const sentAt = performance.now();
+    // Past the validity time no answer can make a grant: each call's deadline.
+    const bound = ttl - drift(ttl);
+    const { calls, answers } = instances.each<Answer>(
+      ACQUIRE,
+      [keys.lock, keys.fence],
+      [token, ttl],
+      {
+        // A grant counts once `waitReplicas` replicas have it, or a failover
+        // could hand the lock out again with a fencing token gone back.
+        then: async (instance, reply) => {
+          const [ok, value] = reply as [number, number];
+          if (ok !== 1 || waitReplicas === 0) return reply;
+          const waited = waitWithin(sentAt + bound);
+          const acked = await instances.replicated(instance, keys.lock, waitReplicas, waited)
+            .catch(() => 0);
+          return [ok, value, acked, waited];
+        },
+        read: (reply) => {
+          const [ok, value, acked, waited] = reply as [number, number, number?, number?];
+          if (ok !== 1) return { kind: "held", pttl: value };
+          if (acked !== undefined && acked < waitReplicas) {
+            return { kind: "unreplicated", fence: value, acked, waited: waited! };
+          }
+          return { kind: "acquired", fence: value };
+        },
+        failed: (error) => ({ kind: "failed", error }),
+        bound,
+        // A grant, or a lock held elsewhere, needs no more answers. An
+        // outcome that will be an error waits for them all (within the
+        // bound), so the error says what each instance answered.
+        decided: (so) => {
+          const acquired = so.filter((a) => a?.kind === "acquired").length;
+          const not = so.filter((a) => a !== undefined && a.kind !== "acquired").length;
+          const failed = so.filter((a) => a?.kind === "failed").length;
+          return acquired >= quorum ||
+            (list.length - not < quorum && list.length - failed >= quorum);
+        },
+        signal,
+      },
+    );
+    let answered: (Answer | undefined)[];
+    try {
+      answered = await answers;
+    } catch (reason) {
+      // Given up while a SET was in flight (a stalled server, say): when the
+      // answer comes, give back whatever it acquired. No ghost lock.
+      // It may have been a whole acquisition that waiters saw: wake them.
+      this.#giveBackLate(calls, undefined, keys, token, () => true, true);
+      throw reason;
+    }
+    const results = answered.map((a): Answer => a ?? { kind: "failed", error: new Silence(bound) });
+    const acquired = results.filter((a) => a.kind === "acquired");
+    const validity = ttl - (performance.now() - sentAt) - drift(ttl);
+    if (acquired.length >= quorum && validity > 0) {
+      let fence = Math.max(...acquired.map((a) => a.fence));
+      if (list.length > 1) {
+        try {
+          fence = await this.#raise(results, keys, fence, sentAt + bound, action);
+        } catch (error) {
+          await this.#releaseWhere(results, keys, token, bound, true);
+          this.#giveBackLate(calls, answered, keys, token, () => true);
+          throw error;
+        }
+      }
+      const held = this.#hold(keys, token, BigInt(fence), sentAt);
+      // A late SET that took the key joined this lease: renewals extend it and
+      // the release, sent after it on the same connection, deletes it. Once
+      // the lease has ended, nothing will: give it back.
+      this.#giveBackLate(calls, answered, keys, token, held.ended);
+      return { grant: held.grant, pttl: 0 };
+    }
+    // Taken on a quorum, too late to hold or not replicated: waiters saw it
+    // held, so wake them.
+    await this.#releaseWhere(results, keys, token, bound, results.filter(took).length >= quorum);
+    this.#giveBackLate(calls, answered, keys, token, () => true);
+    const failed = results.filter((a): a is Extract<Answer, { kind: "failed" }> =>
+      a.kind === "failed"
+    );
+    const fatal = failed.find((f) => ["auth", "permission"].includes(instances.kind(f.error)));
+    if (fatal) throw this.#describe(fatal.error, results, action, token);
+    const unreplicated = results.filter((a): a is Extract<Answer, { kind: "unreplicated" }> =>
+      a.kind === "unreplicated"
+    );
+    if (unreplicated.length > 0 && acquired.length + unreplicated.length >= quorum) {
+      // Granted, but not safe across a failover: given back above, and said so.
+      const fewest = unreplicated.reduce((a, b) => b.acked < a.acked ? b : a);
+      const where = list[results.indexOf(fewest)].name;
+      throw new LockReplicationError(
+        `${action}: ${fewest.acked} of ${waitReplicas} replicas acknowledged the grant on Redis at ${where} within ${
+          Math.max(0, Math.round(fewest.waited))
+        } ms, so it was given back`,
+        { acknowledged: fewest.acked, required: waitReplicas },
+      );
+    }
+    if (list.length - failed.length < quorum) {
+      throw this.#describe(undefined, results, action, token);
+    }
+    const waits = results.filter((a) => a.kind === "held").map((a) => a.pttl).filter((p) => p > 0);
+    return { pttl: waits.length > 0 ? Math.min(...waits) : this.#settings.retryInterval };
+  }
+
+  /**
+   * Gives back, when it comes, each acquisition in `calls` that had not
+   * answered in `answered` (all of them without it), if `unwanted()` says so
+   * by then; `wake` as for `#giveBack`.
+   */
+  #giveBackLate(
+    calls: Promise<Answer>[],
+    answered: (Answer | undefined)[] | undefined,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    unwanted: () => boolean,
+    wake = false,
+  ): void {
+    calls.forEach((call, i) => {
+      if (answered?.[i] !== undefined) return;
+      // close() waits for it (bounded): the give-back needs the connection.
+      this.#instances.giveBackLate(
+        call.then((answer) =>
+          took(answer) && unwanted() ? this.#giveBack(i, keys, token, wake) : undefined
+        ),
+        performance.now() + this.#settings.ttl,
+      );
+    });
+  }
+
+  /**
+   * Gives back an acquisition on instance `i` (fenced: only if the key is
+   * still `token`'s). With `wake`, waiters are told; a partial acquisition
+   * given back must not wake them, or each wakes the others and itself,
+   * takes the key there again, and they spin.
+   */
+  #giveBack(
+    i: number,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    wake = false,
+  ): Promise<void> {
+    const instance = this.#instances.list[i];
+    const channel = wake ? keys.channel : "";
+    const sharded = instance.subscriptions.sharded ? "s" : "";
+    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel, sharded]).then(
+      () => {},
+      () => {},
+    );
+  }
+
+  /** An error that says what each instance answered. */
+  #describe(
+    fatal: unknown,
+    results: Answer[],
+    action: string,
+    token: string,
+  ): LockError {
+    const list = this.#instances.list;
+    const parts = results.map((answer, i) => {
+      const where = list[i].name;
+      if (answer.kind === "acquired") return `${where} granted it`;
+      if (answer.kind === "unreplicated") {
+        return `${where} granted it, but only ${answer.acked} replicas acknowledged`;
+      }
+      if (answer.kind === "held") return `${where} has it held by another holder`;
+      return `${where}: ${this.#instances.detail(answer.error, token)}`;
+    });
+    const reached = results.filter((a) => a.kind !== "failed").length;
+    if (list.length === 1) {
+      const only = results[0];
+      if (only.kind === "failed") {
+        if (only.error instanceof Silence) return only.error.fail(action, list[0].name);
+        return this.#instances.error(only.error, action, list[0].name, token);
+      }
+    }
+    const summary =
+      `${action}: ${reached} of ${list.length} Redis instances answered (${this.#instances.quorum} needed): ${
+        parts.join("; ")
+      }`;
+    if (fatal === undefined) return new LockConnectionError(summary);
+    const instances = this.#instances;
+    return errorOf(instances.kind(fatal), summary, { cause: instances.scrub(fatal, token) });
+  }
+
+  /**
+   * Redlock: raises the fencing counter on the acquired instances to the
+   * token, so a later majority, which shares one of them, counts past it.
+   * A quorum of them by `deadline` is enough.
+   */
+  async #raise(
+    results: Answer[],
+    keys: ReturnType<typeof keysOf>,
+    fence: number,
+    deadline: number,
+    action: string,
+  ): Promise<number> {
+    const instances = this.#instances;
+    const { answers } = instances.each<boolean>(RAISE, [keys.fence], [fence], {
+      where: (i) => results[i].kind === "acquired",
+      read: () => true,
+      failed: () => false,
+      bound: deadline - performance.now(),
+      decided: (so) => so.filter(Boolean).length >= instances.quorum,
+    });
+    if ((await answers).filter(Boolean).length < instances.quorum) {
+      throw new LockConnectionError(`${action}: could not record the fencing token on a quorum`);
+    }
+    return fence;
+  }
+
+  /** Gives back every acquisition in `results`, waiting `bound` ms at most; `wake` as for `#giveBack`. */
+  async #releaseWhere(
+    results: Answer[],
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    bound: number,
+    wake = false,
+  ): Promise<void> {
+    const given = Promise.all(
+      results.map((answer, i) => took(answer) ? this.#giveBack(i, keys, token, wake) : undefined),
+    );
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      // A give-back not answered in time still runs; the key expires anyway.
+      await Promise.race([given, new Promise((resolve) => timer = setTimeout(resolve, bound))]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /**
+   * The held lock. Loss is decided locally (see `LeaseClock`): the deadline
+   * is the send time of the last acquisition or renewal that a quorum
+   * confirmed, plus the TTL, less the drift allowance. A renewal that Redis
+   * refuses (the key is gone or someone else's) loses the lock at once. A
+   * quorum of answers decides each renewal and the release; no call waits
+   * past the lease's deadline. `ended` says whether it was released or lost.
+   */
+  #hold(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    fence: bigint,
+    sentAt: number,
+  ): { grant: Grant; ended: () => boolean } {
+    const { ttl, autoRenew, waitReplicas } = this.#settings;
+    const instances = this.#instances;
+    const { list, quorum } = instances;
+    const name = keys.name;
+    const controller = new AbortController();
+    let released = false;
+    const renew = async (): Promise<Renewal> => {
+      const sent = performance.now();
+      type Reply = "renewed" | "refused" | "missing" | "failed";
+      const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
+        replies.filter((r) => r !== undefined && which.includes(r)).length;
+      const { calls, answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
+        // A renewal that the replicas do not have would not survive a
+        // failover: not confirmed, and the deadline decides.
+        then: async (instance, reply) => {
+          if (reply !== 1 || waitReplicas === 0) return reply;
+          const acked = await instances.replicated(
+            instance,
+            keys.lock,
+            waitReplicas,
+            waitWithin(clock.deadline),
+          );
+          return acked >= waitReplicas ? reply : "unacknowledged";
+        },
+        read: (reply) =>
+          reply === 1 ? "renewed" : reply === -1 ? "missing" : reply === 0 ? "refused" : "failed",
+        failed: () => "failed",
+        // Past the lease's deadline no answer can save it.
+        bound: clock.deadline - sent,
+        decided: (so) =>
+          count(so, "renewed") >= quorum ||
+          list.length - count(so, "refused", "missing") < quorum,
+      });
+      const replies = await answers;
+      if (list.length - count(replies, "refused", "missing") < quorum) {
+        return { lost: "its key was deleted or taken over" };
+      }
+      if (count(replies, "renewed") < quorum) return { ok: false };
+      // Held on a quorum: put the key back on the minority that lost it, or
+      // every waiter's attempt would take it there and give it back. Such an
+      // instance may answer after the quorum did: wait for each answer.
+      calls.forEach((call, i) =>
+        void call.then((reply) => {
+          if (reply !== "missing" || released || controller.signal.aborted) return;
+          return instances.run(list[i], RESTORE, [keys.lock, keys.fence], [
+            token,
+            ttl,
+            String(fence),
+          ]).catch(() => {}); // the next renewal tries again
+        })
+      );
+      return { ok: true, deadline: sent + ttl - drift(ttl) };
+    };
+    const clock = new LeaseClock({
+      deadline: sentAt + ttl - drift(ttl),
+      period: ttl / 3,
+      // After a failure try again soon; the deadline is what decides loss.
+      retry: Math.min(ttl / 6, 500),
+      renew: autoRenew ? renew : undefined,
+      lapse: (detail) => controller.abort(new LockLostError(name, detail)),
+      expired: `its ${ttl} ms lease ran out before a renewal was confirmed`,
+    });
+    const release = async () => {
+      released = true;
+      clock.stop();
+      type Reply = "deleted" | "not ours" | { error: unknown };
+      const count = (replies: (Reply | undefined)[], which: (r: Reply) => boolean) =>
+        replies.filter((r) => r !== undefined && which(r)).length;
+      const notOurs = (r: Reply) => r === "not ours";
+      const failed = (r: Reply) => typeof r === "object";
+      // Past the lease's deadline (and the drift allowed) the key has expired anyway.
+      const bound = clock.deadline - performance.now() + drift(ttl);
+      const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
+      const args = [token, keys.channel, sharded];
+      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
+        read: (reply) => reply === 1 ? "deleted" : "not ours",
+        failed: (error) => ({ error }),
+        bound,
+        decided: (so) =>
+          count(so, (r) => r === "deleted") >= quorum ||
+          list.length - count(so, notOurs) < quorum ||
+          list.length - count(so, failed) < quorum,
+      });
+      const replies = (await answers).map((r): Reply => r ?? { error: new Silence(bound) });
+      if (list.length - count(replies, notOurs) < quorum) {
+        // The key was deleted, evicted or overwritten while this holder
+        // believed it held the lock: the work did not run under it.
+        controller.abort(new LockLostError(name, "it was taken away before the release"));
+        return;
+      }
+      if (list.length - count(replies, failed) < quorum) {
+        const i = replies.findIndex(failed);
+        const { error } = replies[i] as { error: unknown };
+        const action = `Cannot release lock ${JSON.stringify(name)}`;
+        throw error instanceof Silence
+          ? error.fail(action, list[i].name)
+          : instances.error(error, action, list[i].name, token);
+      }
+    };
+    return {
+      grant: { token: fence, signal: controller.signal, check: () => void clock.check(), release },
+      ended: () => released || controller.signal.aborted,
+    };
+  }
+
+  status(name: string): Promise<LockStatus> {
+    return readStatus(this.#instances, name);
+  }
+
+  async close(): Promise<void> {
+    await this.#onClose();
+  }
+}
+
+/**
+ * Who holds the lock `name`: held where a quorum has its key; the token is
+ * the fencing counter (the holder's, since each grant increments it), the
+ * time left the shortest PTTL among the instances that hold it.
+ */
+async function readStatus(instances: Instances, name: string): Promise<LockStatus> {
+  const keys = keysOf(name);
+  const action = `Cannot read the status of lock ${JSON.stringify(name)}`;
+  const answers = await Promise.all(instances.list.map(async (instance) => {
+    try {
+      const [pttl, fence] = await instance.client.eval(STATUS, 2, keys.lock, keys.fence) as [
+        number,
+        string,
+      ];
+      return { pttl, fence: BigInt(fence) };
+    } catch (error) {
+      return { error: instances.error(error, action, instance.name) };
+    }
+  }));
+  const reached = answers.filter((a) => !("error" in a)) as { pttl: number; fence: bigint }[];
+  if (reached.length < instances.quorum) {
+    throw (answers.find((a) => "error" in a) as { error: LockError }).error;
+  }
+  const holding = reached.filter((a) => a.pttl !== -2);
+  if (holding.length < instances.quorum) return { key: name };
+  const ttls = holding.map((a) => a.pttl).filter((p) => p >= 0);
+  return {
+    key: name,
+    holder: {
+      token: holding.reduce((max, a) => a.fence > max ? a.fence : max, 0n),
+      ttl: ttls.length > 0 ? Math.min(...ttls) : undefined,
+    },
+  };
+}

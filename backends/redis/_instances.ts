@@ -1,0 +1,191 @@
+// The instances of one config: per-call deadlines, quorum, WAIT, late give-backs closing waits for.
+
+import { Cluster, type Redis } from "ioredis";
+import type { LockError } from "../../errors.ts";
+import { KeyQueue } from "../../_locker.ts";
+import { scrub } from "../../_scrub.ts";
+import type { Client } from "./_connection.ts";
+import { type Kind, kindOf, translate } from "./_errors.ts";
+import { sha1, shas, slotOf } from "./_scripts.ts";
+import type { Subscriptions } from "./_subscriptions.ts";
+
+/** One Redis (a server, a Sentinel's primary, a Cluster): its client, its subscriber, and how to name it in messages. */
+export interface Instance {
+  readonly name: string;
+  readonly client: Client;
+  readonly subscriptions: Subscriptions;
+}
+
+/** The instances of one connection config: one Redis, or the Redlock set. */
+export class Instances {
+  readonly list: Instance[];
+  /**
+   * Contenders for a key among all lockers on these clients: one at a time
+   * goes to Redis, the rest queue here in order. A release then wakes one
+   * waiter per process, not one per locker.
+   */
+  readonly contenders = new KeyQueue();
+  readonly #secrets: string[];
+  /** Give-backs waiting for the answer to an acquisition abandoned in flight, with their bounds. */
+  readonly #late = new Set<{ done: Promise<void>; until: number }>();
+
+  constructor(list: Instance[], secrets: string[]) {
+    this.list = list;
+    this.#secrets = secrets;
+  }
+
+  /** How many instances must agree. */
+  get quorum(): number {
+    return Math.floor(this.list.length / 2) + 1;
+  }
+
+  error(error: unknown, action: string, where: string, token?: string): LockError {
+    return translate(error, action, where, token ? [...this.#secrets, token] : this.#secrets);
+  }
+
+  /** A copy of a client's error that holds no secret and no `token`. */
+  scrub(error: unknown, token: string): Error {
+    return scrub(error, [...this.#secrets, token]);
+  }
+
+  /** What a client's error says, without secrets. */
+  detail(error: unknown, token: string): string {
+    return this.scrub(error, token).message;
+  }
+
+  kind(error: unknown): Kind {
+    return kindOf(String((error as Error)?.message ?? error));
+  }
+
+  /**
+   * How many replicas acknowledged the writes made so far on the connection
+   * that wrote `key` (Redis `WAIT`), waiting `ms` at most. WAIT counts the
+   * writes of its own connection, so on a Cluster it goes to the connection
+   * of the master that serves the key's slot, the one the script ran on.
+   * WAIT holds that connection's later commands until it returns.
+   */
+  async replicated(instance: Instance, key: string, replicas: number, ms: number): Promise<number> {
+    const client = instance.client;
+    let server: Redis | undefined;
+    if (client instanceof Cluster) {
+      const owner = client.slots[slotOf(key)]?.[0];
+      // "all": a replica promoted since the last slot refresh may still be listed as one.
+      server = client.nodes("all").find((node) =>
+        `${node.options.host}:${node.options.port}` === owner
+      );
+    } else {
+      server = client;
+    }
+    if (server === undefined) return 0;
+    // WAIT 0 would wait forever.
+    const timeout = Math.max(1, Math.floor(ms));
+    return Number(await server.call("WAIT", replicas, timeout));
+  }
+
+  /** Runs a script by SHA, loading it on NOSCRIPT. */
+  async run(instance: Instance, script: string, keys: string[], args: (string | number)[]) {
+    const sha = shas.get(script) ?? await sha1(script);
+    try {
+      return await instance.client.evalsha(sha, keys.length, ...keys, ...args);
+    } catch (error) {
+      if (!String((error as Error)?.message).startsWith("NOSCRIPT")) throw error;
+      return await instance.client.eval(script, keys.length, ...keys, ...args);
+    }
+  }
+
+  /**
+   * Runs a script on every instance at once; each call gets its own
+   * deadline, since ioredis has none per command. `answers` resolves as soon
+   * as `decided` holds for the answers so far, every instance answered, or
+   * `bound` ms passed, so a stalled or partitioned instance holds up nobody:
+   * one that did not answer in time is `undefined` there. Its call goes on in
+   * `calls` (which never reject), for the caller to undo a late effect.
+   * `answers` rejects with `signal.reason` if it aborts first. With
+   * `where`, only the instances it picks are called; the others answer
+   * `failed(undefined)` at once. With `then`, each reply goes through it
+   * before `read` (for a WAIT after the script, within the same deadline).
+   */
+  each<T>(
+    script: string,
+    keys: string[],
+    args: (string | number)[],
+    options: {
+      read: (reply: unknown) => T;
+      failed: (error: unknown) => T;
+      bound: number;
+      decided: (answers: (T | undefined)[]) => boolean;
+      signal?: AbortSignal;
+      where?: (i: number) => boolean;
+      then?: (instance: Instance, reply: unknown) => Promise<unknown>;
+    },
+  ): { calls: Promise<T>[]; answers: Promise<(T | undefined)[]> } {
+    const { read, failed, bound, decided, signal, where, then } = options;
+    const calls = this.list.map((instance, i) =>
+      where === undefined || where(i)
+        ? this.run(instance, script, keys, args)
+          .then((reply) => then === undefined ? reply : then(instance, reply))
+          .then(read).catch(failed)
+        : Promise.resolve(failed(undefined))
+    );
+    const answers = new Promise<(T | undefined)[]>((resolve, reject) => {
+      const soFar: (T | undefined)[] = calls.map(() => undefined);
+      let pending = calls.length;
+      let done = false;
+      const finish = (settle: () => void) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        settle();
+      };
+      const onAbort = () => finish(() => reject(signal!.reason));
+      const timer = setTimeout(() => finish(() => resolve([...soFar])), Math.max(0, bound));
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener("abort", onAbort, { once: true });
+      calls.forEach((call, i) =>
+        call.then((answer) => {
+          if (done) return;
+          soFar[i] = answer;
+          pending -= 1;
+          if (pending === 0 || decided(soFar)) finish(() => resolve([...soFar]));
+        })
+      );
+    });
+    return { calls, answers };
+  }
+
+  /**
+   * Keeps track of `giveBack`, the release of an acquisition given up while
+   * its SET was in flight, so that closing waits for it: it needs this
+   * connection when the late answer comes. Past `until` (monotonic ms: when
+   * the key would expire anyway) nothing is left to give back.
+   */
+  giveBackLate(giveBack: Promise<unknown>, until: number): void {
+    const entry = { done: giveBack.then(() => {}, () => {}), until };
+    this.#late.add(entry);
+    entry.done.then(() => this.#late.delete(entry));
+  }
+
+  /**
+   * Waits for the late give-backs, each until its key would expire but at
+   * most `CLOSE_GIVE_BACK_BOUND`: a server that stays stalled keeps such a
+   * key until its TTL, and close() must end.
+   */
+  async #settleLate(): Promise<void> {
+    const bound = performance.now() + CLOSE_GIVE_BACK_BOUND;
+    await Promise.all([...this.#late].map(async ({ done, until }) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const ms = Math.min(until, bound) - performance.now();
+      await Promise.race([done, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
+      clearTimeout(timer);
+    }));
+  }
+
+  async close(): Promise<void> {
+    await this.#settleLate();
+    await Promise.all(this.list.map((instance) => instance.subscriptions.close()));
+  }
+}
+
+/** How long closing waits at most for Redis to answer an acquisition abandoned in flight. */
+const CLOSE_GIVE_BACK_BOUND = 5_000;
