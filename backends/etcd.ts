@@ -671,6 +671,22 @@ class Session {
   }
 }
 
+/**
+ * The keys that may be queue entries of the lock whose keys start with
+ * `prefix` (`NAME/`), the oldest first: `NAME/0` up to `NAME/g`, where every
+ * lease ID in hex lies. Longer names that share the prefix and start with
+ * another character fall outside; the rest are skipped when read
+ * ({@linkcode isEntry}).
+ */
+function queueRange(prefix: Buffer): IRangeRequest {
+  return {
+    key: Buffer.concat([prefix, Buffer.from("0")]),
+    range_end: Buffer.concat([prefix, Buffer.from("g")]),
+    sort_target: "Create",
+    sort_order: "Ascend",
+  };
+}
+
 /** Deletes `key` only if its create revision is still `revision`. */
 async function fencedDelete(calls: Calls, key: string, revision: string): Promise<void> {
   const k = Buffer.from(key);
@@ -698,6 +714,8 @@ class Acquisition {
   readonly #key: string;
   readonly #retryInterval: number;
   readonly #hub: WatchHub;
+  /** The oldest key that may be a queue entry (see {@linkcode queueRange}). */
+  readonly #ownerRange: IRangeRequest;
 
   constructor(calls: Calls, hub: WatchHub, session: Session, name: string, retryInterval: number) {
     this.#calls = calls;
@@ -707,22 +725,7 @@ class Acquisition {
     this.#prefix = Buffer.from(`${name}/`);
     this.#key = `${name}/${session.hex}`;
     this.#retryInterval = retryInterval;
-  }
-
-  /**
-   * The keys that may be queue entries, the oldest first: `NAME/0` up to
-   * `NAME/g`, where every lease ID in hex lies. Longer names that share the
-   * prefix and start with another character fall outside; the rest are
-   * skipped when read.
-   */
-  get #ownerRange(): IRangeRequest {
-    return {
-      key: Buffer.concat([this.#prefix, Buffer.from("0")]),
-      range_end: Buffer.concat([this.#prefix, Buffer.from("g")]),
-      sort_target: "Create",
-      sort_order: "Ascend",
-      limit: 1,
-    };
+    this.#ownerRange = { ...queueRange(this.#prefix), limit: 1 };
   }
 
   /**
@@ -1278,13 +1281,7 @@ class EtcdDriver implements Driver {
 async function readStatus(calls: Calls, name: string): Promise<LockStatus> {
   try {
     const prefix = Buffer.from(`${name}/`);
-    // Every queue entry lies in NAME/0 .. NAME/g (see Acquisition's owner range).
-    const response = await calls.range({
-      key: Buffer.concat([prefix, Buffer.from("0")]),
-      range_end: Buffer.concat([prefix, Buffer.from("g")]),
-      sort_target: "Create",
-      sort_order: "Ascend",
-    });
+    const response = await calls.range(queueRange(prefix));
     const entries = response.kvs.filter((kv) => isEntry(kv.key, prefix));
     const [owner, ...queue] = entries;
     if (owner === undefined) return { key: name, waiting: 0, queue: [] };

@@ -2,9 +2,9 @@
 // child process of the runtime under test (tests/fixtures/holder.ts).
 
 import assert from "node:assert/strict";
-import { type Backend, New } from "../mod.ts";
+import { type Backend, type Lease, type Locker, New } from "../mod.ts";
 import { runScript } from "./_servers.ts";
-import { prefix, sleep, within } from "./_util.ts";
+import { prefix, sleep, until, within } from "./_util.ts";
 
 const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
@@ -73,4 +73,52 @@ export async function assertPausedHolderLoses(target: Target, lost: RegExp): Pro
   } finally {
     await child.stop();
   }
+}
+
+/** What {@linkcode assertKeptThroughFailover} needs of the failover test. */
+export interface FailedOver {
+  /** The server that now serves the lock's key. */
+  promoted: { cli(args: string[]): string };
+  /** What the new server is called in messages ("master", "primary"). */
+  role: string;
+  name: string;
+  lease: Lease;
+  holder: Locker;
+  competitor: Locker;
+  /** When the old server was killed (`performance.now()`), and the lease's ttl. */
+  killedAt: number;
+  ttl: number;
+}
+
+/**
+ * After a Redis failover: a renewal reaches the promoted server (the key's
+ * PTTL rises), a competitor stays out past the deadline the last renewal
+ * before the kill gave, and the next holder's token is greater. Closes both
+ * lockers.
+ */
+export async function assertKeptThroughFailover(f: FailedOver): Promise<void> {
+  const key = `lock:{${f.name}}`;
+  // (Between two samples: a renewal just before the first would leave nothing to rise.)
+  let last = Number(f.promoted.cli(["PTTL", key]));
+  await until(
+    () => {
+      const now = Number(f.promoted.cli(["PTTL", key]));
+      const rose = now > last + 100;
+      last = now;
+      return rose;
+    },
+    15_000,
+    `a renewal on the new ${f.role}`,
+  );
+  assert.equal(await f.competitor.tryLock(f.name), undefined);
+  // Past the deadline of the last renewal before the kill: renewed since, so still held.
+  const wait = f.ttl - (performance.now() - f.killedAt) + 500;
+  if (wait > 0) await sleep(wait);
+  assert.equal(f.lease.signal.aborted, false, String(f.lease.signal.reason));
+  assert.equal(await f.competitor.tryLock(f.name), undefined);
+  await f.lease.release();
+  const next = await f.competitor.lock(f.name, { timeout: 10_000 });
+  assert.ok(next.token > f.lease.token, `${next.token} after ${f.lease.token}`);
+  await next.release();
+  await Promise.all([f.holder.close(), f.competitor.close()]);
 }

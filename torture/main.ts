@@ -352,10 +352,8 @@ async function main(): Promise<number> {
   try {
     for (let i = 0; i < workerCount; i++) spawnWorker(`w${i}`, cluster, resource);
     // The backend's own faults and the holder faults take turns.
-    const own = Object.keys(cluster.faults).filter((k) =>
-      !(k in holderFaults(resource, () => cluster))
-    );
     const theirs = Object.keys(holderFaults(resource, () => cluster));
+    const own = Object.keys(cluster.faults).filter((k) => !theirs.includes(k));
     const chosen = values.faults?.split(",");
     const kinds = chosen ?? Array.from(
       { length: Math.max(own.length, theirs.length) * 2 },

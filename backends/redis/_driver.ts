@@ -536,7 +536,7 @@ async function readStatus(instances: Instances, name: string): Promise<LockStatu
   const action = `Cannot read the status of lock ${JSON.stringify(name)}`;
   const answers = await Promise.all(instances.list.map(async (instance) => {
     try {
-      const [pttl, fence] = await instance.client.eval(STATUS, 2, keys.lock, keys.fence) as [
+      const [pttl, fence] = await instances.run(instance, STATUS, [keys.lock, keys.fence], []) as [
         number,
         string,
       ];
