@@ -1,8 +1,98 @@
-// One timer per lease for the two jobs every backend's lease has: renewing
+// One clock per lease for the two jobs every backend's lease has: renewing
 // before it runs out, and deciding locally, and early, that it ran out. The
 // deadline is the send time of the last confirmed grant or renewal plus what
 // the server granted, on the monotonic clock; a paused process therefore
 // learns of the loss on its first look (check()), before anything is sent.
+
+/** One alarm of {@linkcode Alarms}: due at `at`, and may run from `early` on. */
+export class Alarm {
+  readonly at: number;
+  readonly early: number;
+  readonly run: () => void;
+  /** Where it is in its `Alarms`' list; -1 once it ran or was cancelled. */
+  index = -1;
+
+  constructor(at: number, early: number, run: () => void) {
+    this.at = at;
+    this.early = Math.min(early, at);
+    this.run = run;
+  }
+}
+
+/**
+ * Many alarms on one timer: the timer is set for the earliest `at`, and
+ * when it fires, every alarm whose `early` has come runs in the same pass.
+ * Renewals that may run a little early therefore go out together (and a
+ * backend can batch them), and a call's deadline or a lease's costs no
+ * timer of its own. An alarm added later than the timer is set for needs no
+ * new timer; a cancelled one is only forgotten.
+ *
+ * The alarms are a plain array, cancelled by moving the last one into the
+ * gap: most are cancelled within microseconds (a call answered, a lease
+ * released), and a `Set` with that churn cost measurably more GC time.
+ */
+export class Alarms {
+  readonly #alarms: Alarm[] = [];
+  #timer?: ReturnType<typeof setTimeout>;
+  #armedAt = Infinity;
+
+  /** Runs `run` at `at` (monotonic ms), or in a pass from `early` on. */
+  add(at: number, run: () => void, early: number = at): Alarm {
+    const alarm = new Alarm(at, early, run);
+    alarm.index = this.#alarms.length;
+    this.#alarms.push(alarm);
+    if (at < this.#armedAt) this.#arm(at);
+    return alarm;
+  }
+
+  cancel(alarm: Alarm | undefined): void {
+    if (alarm === undefined || alarm.index < 0) return;
+    const alarms = this.#alarms;
+    const last = alarms.pop()!;
+    if (last !== alarm) {
+      alarms[alarm.index] = last;
+      last.index = alarm.index;
+    }
+    alarm.index = -1;
+  }
+
+  /** How many alarms are set. */
+  get size(): number {
+    return this.#alarms.length;
+  }
+
+  /** Forgets every alarm and clears the timer. */
+  stop(): void {
+    for (const alarm of this.#alarms) alarm.index = -1;
+    this.#alarms.length = 0;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#armedAt = Infinity;
+  }
+
+  #arm(at: number) {
+    clearTimeout(this.#timer);
+    this.#armedAt = at;
+    // Timers and the monotonic clock can disagree by a fraction of a
+    // millisecond: an alarm not yet due when it fires waits for the next.
+    this.#timer = setTimeout(() => this.#fire(), Math.max(0, at - performance.now()));
+  }
+
+  #fire() {
+    this.#timer = undefined;
+    this.#armedAt = Infinity;
+    const now = performance.now();
+    const due: Alarm[] = [];
+    let next = Infinity;
+    for (const alarm of this.#alarms) {
+      if (alarm.early <= now) due.push(alarm);
+      else if (alarm.at < next) next = alarm.at;
+    }
+    for (const alarm of due) this.cancel(alarm);
+    if (next < Infinity) this.#arm(next);
+    for (const alarm of due) alarm.run();
+  }
+}
 
 /** What one renewal came to. */
 export type Renewal =
@@ -27,6 +117,11 @@ export interface LeaseClockOptions {
   lapse: (detail: string) => void;
   /** Why, when the deadline passes. */
   expired: string;
+  /**
+   * The alarms to keep time on, shared with the backend's other leases, so
+   * that their renewals go out in passes; without, the clock has its own.
+   */
+  alarms?: Alarms;
 }
 
 /** The renewal and loss timing of one lease. */
@@ -36,10 +131,15 @@ export class LeaseClock {
   #renewAt: number;
   #renewing = false;
   #ended = false;
-  #timer?: ReturnType<typeof setTimeout>;
+  readonly #alarms: Alarms;
+  readonly #ownAlarms: boolean;
+  #alarm?: Alarm;
+  readonly #onAlarm = () => this.#tick();
 
   constructor(options: LeaseClockOptions) {
     this.#options = options;
+    this.#ownAlarms = options.alarms === undefined;
+    this.#alarms = options.alarms ?? new Alarms();
     this.#deadline = options.deadline;
     this.#renewAt = options.renew ? performance.now() + options.period : Infinity;
     this.#schedule();
@@ -71,7 +171,9 @@ export class LeaseClock {
   /** Stops the clock without a loss (a release or a close). */
   stop(): void {
     this.#ended = true;
-    clearTimeout(this.#timer);
+    if (this.#ownAlarms) this.#alarms.stop();
+    else this.#alarms.cancel(this.#alarm);
+    this.#alarm = undefined;
   }
 
   /** Renews no more: the lease runs out at its deadline. */
@@ -86,18 +188,23 @@ export class LeaseClock {
   }
 
   #schedule() {
-    clearTimeout(this.#timer);
+    this.#alarms.cancel(this.#alarm);
+    this.#alarm = undefined;
     if (this.#ended) return;
-    const next = this.#renewing ? this.#deadline : Math.min(this.#renewAt, this.#deadline);
-    // Timers and the monotonic clock can disagree by a fraction of a millisecond:
-    // a tick that comes early just schedules again.
-    this.#timer = setTimeout(() => this.#tick(), Math.max(0, next - performance.now()));
+    const renewal = !this.#renewing && this.#renewAt < this.#deadline;
+    const at = renewal ? this.#renewAt : this.#deadline;
+    // A renewal may go up to half a period early, in the same pass as the
+    // backend's other leases; the loss check runs when it is due.
+    const early = renewal ? at - this.#options.period / 2 : at;
+    this.#alarm = this.#alarms.add(at, this.#onAlarm, early);
   }
 
   #tick() {
+    this.#alarm = undefined;
     // A process that was paused runs this late: decide loss before sending anything.
     if (this.check()) return;
-    if (!this.#renewing && performance.now() >= this.#renewAt) void this.#renew(true);
+    const early = this.#renewAt - this.#options.period / 2;
+    if (!this.#renewing && performance.now() >= early) void this.#renew(true);
     this.#schedule();
   }
 

@@ -182,14 +182,51 @@ export interface LockStatus {
   readonly queue?: readonly string[];
 }
 
+/**
+ * How a backend reports that a grant was lost: once, with a reason, to its
+ * listeners. Lighter than an `AbortController` per lease, which a lease
+ * makes only when its caller reads `lease.signal`.
+ */
+export class Loss {
+  #lost = false;
+  #reason: unknown;
+  #listeners?: ((reason: unknown) => void)[];
+
+  /** Whether the grant was lost. */
+  get lost(): boolean {
+    return this.#lost;
+  }
+
+  /** Why it was lost (a `LockLostError`, as a rule). */
+  get reason(): unknown {
+    return this.#reason;
+  }
+
+  /** Marks it lost with `reason` and tells each listener, once. */
+  lose(reason: unknown): void {
+    if (this.#lost) return;
+    this.#lost = true;
+    this.#reason = reason;
+    const listeners = this.#listeners;
+    this.#listeners = undefined;
+    if (listeners) { for (const listener of listeners) listener(reason); }
+  }
+
+  /** Calls `listener` when it is lost; at once if it already was. */
+  listen(listener: (reason: unknown) => void): void {
+    if (this.#lost) return listener(this.#reason);
+    (this.#listeners ??= []).push(listener);
+  }
+}
+
 /** A lock held on the server, as a backend reports it. */
 export interface Grant {
   /** The fencing token. */
   readonly token: bigint;
-  /** Aborts with a `LockLostError` when the backend decides the lock is lost. */
-  readonly signal: AbortSignal;
+  /** Lost, with a `LockLostError` as its reason, when the backend decides the lock is lost. */
+  readonly loss: Loss;
   /**
-   * Aborts `signal` now if the lease's deadline has passed. Called on every
+   * Loses it now if the lease's deadline has passed. Called on every
    * read of `lease.signal`, so a process that was paused past its deadline
    * sees the loss on its first look, even before the loss timer has run.
    */
@@ -281,18 +318,33 @@ export function delay(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
-/** One call's signal: the caller's signal, its timeout and the locker's close, in one. */
+/**
+ * One call's signal: the caller's signal, its timeout and the locker's close,
+ * in one. A call with neither a signal nor a timeout uses the locker's close
+ * signal as it is (`of` returns undefined): no controller, no listener.
+ */
 class CallSignal {
   readonly #controller = new AbortController();
   readonly #cleanup: (() => void)[] = [];
 
-  constructor(key: string, options: LockOptions | undefined, closing: AbortSignal) {
+  static of(
+    key: string,
+    options: LockOptions | undefined,
+    closing: AbortSignal,
+  ): CallSignal | undefined {
     const { signal, timeout } = checkLockOptions(options);
+    if (signal === undefined && timeout === undefined) return undefined;
+    return new CallSignal(key, signal, timeout, closing);
+  }
+
+  private constructor(
+    key: string,
+    signal: AbortSignal | undefined,
+    timeout: number | undefined,
+    closing: AbortSignal,
+  ) {
     const abort = (reason: unknown) => this.#controller.abort(reason);
-    this.#follow(
-      closing,
-      () => abort(new LockClosedError(`Cannot acquire lock ${JSON.stringify(key)}`)),
-    );
+    this.#follow(closing, () => abort(closedError(key)));
     if (signal) this.#follow(signal, () => abort(signal.reason));
     if (timeout !== undefined && !this.signal.aborted) {
       const timer = setTimeout(() => abort(new LockTimeoutError(key, timeout)), timeout);
@@ -313,6 +365,10 @@ class CallSignal {
   dispose() {
     for (const undo of this.#cleanup) undo();
   }
+}
+
+function closedError(key: string): LockClosedError {
+  return new LockClosedError(`Cannot acquire lock ${JSON.stringify(key)}`);
 }
 
 function checkLockOptions(options: LockOptions | undefined): LockOptions {
@@ -350,25 +406,38 @@ interface Waiter {
   onAbort(): void;
 }
 
+/** A key's place in a {@linkcode KeyQueue}: the calls waiting, and what the owner keeps there. */
+interface Slot<V> {
+  waiters?: Waiter[];
+  value?: V;
+}
+
 /**
  * The in-process FIFO: at most one call per key goes to the server at a
  * time. Also used by backends to queue contenders from several lockers on one
- * shared client.
+ * shared client. The owner of a key can keep a value with it (the locker its
+ * held lease), so a cycle costs one map entry, not two.
  */
-export class KeyQueue {
-  // A key is present while some call owns it; its array holds the calls waiting behind.
-  readonly #keys = new Map<string, Waiter[]>();
+export class KeyQueue<V = never> {
+  // A key is present while some call owns it.
+  readonly #keys = new Map<string, Slot<V>>();
+
+  /** Whether some call owns `key`. */
+  has(key: string): boolean {
+    return this.#keys.has(key);
+  }
 
   tryEnter(key: string): boolean {
     if (this.#keys.has(key)) return false;
-    this.#keys.set(key, []);
+    this.#keys.set(key, {});
     return true;
   }
 
   enter(key: string, signal: AbortSignal): Promise<void> {
     if (signal.aborted) return Promise.reject(signal.reason);
     if (this.tryEnter(key)) return Promise.resolve();
-    const waiters = this.#keys.get(key)!;
+    const slot = this.#keys.get(key)!;
+    const waiters = slot.waiters ??= [];
     return new Promise((resolve, reject) => {
       const waiter: Waiter = {
         resolve,
@@ -384,9 +453,28 @@ export class KeyQueue {
     });
   }
 
+  /** Keeps `value` with `key`, which the caller owns, until it leaves. */
+  keep(key: string, value: V): void {
+    this.#keys.get(key)!.value = value;
+  }
+
+  /** The value the owner of `key` keeps with it. */
+  kept(key: string): V | undefined {
+    return this.#keys.get(key)?.value;
+  }
+
+  /** Every value kept. */
+  values(): V[] {
+    const values: V[] = [];
+    for (const slot of this.#keys.values()) if (slot.value !== undefined) values.push(slot.value);
+    return values;
+  }
+
   leave(key: string) {
-    const waiters = this.#keys.get(key);
-    const next = waiters?.shift();
+    const slot = this.#keys.get(key);
+    if (slot === undefined) return;
+    slot.value = undefined;
+    const next = slot.waiters?.shift();
     if (next === undefined) {
       this.#keys.delete(key);
       return;
@@ -400,7 +488,10 @@ class HeldLease implements Lease {
   readonly key: string;
   readonly token: bigint;
   readonly #grant: Grant;
-  readonly #controller = new AbortController();
+  // Made on the first read of `signal`: most leases are never asked.
+  #controller?: AbortController;
+  #aborted = false;
+  #reason: unknown;
   #ended = false;
   readonly #onEnd: (lease: HeldLease) => void;
   #released?: Promise<void>;
@@ -412,16 +503,33 @@ class HeldLease implements Lease {
     this.#onEnd = onEnd;
     // A lost lease stops counting as held at once, so unlock() and the next
     // in-process waiter do not wait for the holder to notice.
-    grant.signal.addEventListener("abort", () => this.#lose(grant.signal.reason), { once: true });
+    grant.loss.listen((reason) => this.#lose(reason));
   }
 
   get signal(): AbortSignal {
     if (!this.#ended) this.#grant.check?.();
+    if (this.#controller === undefined) {
+      this.#controller = new AbortController();
+      if (this.#aborted) this.#controller.abort(this.#reason);
+    }
     return this.#controller.signal;
   }
 
+  /** Why the lease's signal aborted, if it did (without making the signal). */
+  static abortedWith(lease: HeldLease): { reason: unknown } | undefined {
+    if (!lease.#ended) lease.#grant.check?.();
+    return lease.#aborted ? { reason: lease.#reason } : undefined;
+  }
+
+  #abort(reason: unknown) {
+    if (this.#aborted) return;
+    this.#aborted = true;
+    this.#reason = reason;
+    this.#controller?.abort(reason);
+  }
+
   #lose(reason: unknown) {
-    this.#controller.abort(reason);
+    this.#abort(reason);
     this.#end();
   }
 
@@ -454,8 +562,8 @@ class HeldLease implements Lease {
     if (this.#released !== undefined || this.#ended) return undefined;
     const grant = this.#grant;
     this.#released = given.then(() => {}, () => {}).finally(() => this.#end());
-    if (grant.signal.aborted) return undefined;
-    this.#controller.abort(new LockClosedError(`Lost lock ${JSON.stringify(this.key)}`));
+    if (grant.loss.lost) return undefined;
+    this.#abort(new LockClosedError(`Lost lock ${JSON.stringify(this.key)}`));
     return grant;
   }
 
@@ -464,20 +572,35 @@ class HeldLease implements Lease {
   }
 }
 
+/**
+ * `call`, marked as observed: a call that close() rejects before its caller
+ * awaits it (the caller awaits close() first, say) must not surface as an
+ * unhandled rejection. The caller still sees the rejection.
+ */
+function observed<T>(call: Promise<T>): Promise<T> {
+  call.catch(() => {});
+  return call;
+}
+
 /** Whether a grant was lost before it could be handed out. */
 function lostAlready(grant: Grant): boolean {
   grant.check?.();
-  return grant.signal.aborted;
+  return grant.loss.lost;
 }
 
 /** The shared implementation of {@linkcode Locker} over a backend's {@linkcode Driver}. */
 export class DriverLocker implements Locker {
   readonly #connect: (owner: object) => Promise<Driver>;
   #driver?: Promise<Driver>;
-  readonly #queue = new KeyQueue();
-  readonly #held = new Map<string, HeldLease>();
+  /** The driver once connected: the hot path skips the await. */
+  #ready?: Driver;
+  /** The in-process FIFO, with the held lease kept at its key. */
+  readonly #queue = new KeyQueue<HeldLease>();
   readonly #closing = new AbortController();
   readonly #pending = new Set<Promise<unknown>>();
+  /** lock() and tryLock() calls in flight, which close() waits for. */
+  #acquiring = 0;
+  #drained?: () => void;
   #closed?: Promise<void>;
 
   /**
@@ -492,7 +615,9 @@ export class DriverLocker implements Locker {
     if (this.#driver === undefined) {
       const pending = this.#connect(this);
       this.#driver = pending;
-      pending.catch(() => {
+      pending.then((driver) => {
+        if (this.#driver === pending) this.#ready = driver;
+      }, () => {
         if (this.#driver === pending) this.#driver = undefined;
       });
     }
@@ -500,11 +625,11 @@ export class DriverLocker implements Locker {
   }
 
   lock(key: string, options?: LockOptions): Promise<Lease> {
-    return this.#track(this.#acquire(key, options, true)) as Promise<Lease>;
+    return observed(this.#acquire(key, options, true) as Promise<Lease>);
   }
 
   tryLock(key: string, options?: LockOptions): Promise<Lease | undefined> {
-    return this.#track(this.#acquire(key, options, false));
+    return observed(this.#acquire(key, options, false));
   }
 
   /** Counts a call as in flight, so close() can wait for it to clean up. */
@@ -521,11 +646,22 @@ export class DriverLocker implements Locker {
     wait: boolean,
   ): Promise<Lease | undefined> {
     key = validateKey(key);
-    const call = new CallSignal(key, options, this.#closing.signal);
+    const closing = this.#closing.signal;
+    const call = CallSignal.of(key, options, closing);
+    const signal = call?.signal ?? closing;
+    this.#acquiring += 1;
     try {
-      return await this.#acquireWith(key, call.signal, wait);
+      return await this.#acquireWith(key, signal, wait);
+    } catch (error) {
+      // The locker's own close signal has no key in its reason: say which.
+      if (call === undefined && closing.aborted && error === closing.reason) {
+        throw closedError(key);
+      }
+      throw error;
     } finally {
-      call.dispose();
+      call?.dispose();
+      this.#acquiring -= 1;
+      if (this.#acquiring === 0) this.#drained?.();
     }
   }
 
@@ -535,13 +671,13 @@ export class DriverLocker implements Locker {
     else if (!this.#queue.tryEnter(key)) return undefined;
     let grant: Grant | undefined;
     try {
-      const driver = await abortable(this.#getDriver(), signal);
+      const driver = this.#ready ?? await abortable(this.#getDriver(), signal);
       for (;;) {
         grant = await driver.acquire(key, wait, signal);
         if (grant === undefined || !lostAlready(grant)) break;
         // Granted, but lost before it reached the caller (the replies came
         // later than the TTL): give it back; lock() tries again.
-        const reason = grant.signal.reason;
+        const reason = grant.loss.reason;
         await grant.release().catch(() => {});
         if (!wait) throw reason;
         signal.throwIfAborted();
@@ -554,15 +690,12 @@ export class DriverLocker implements Locker {
       this.#queue.leave(key);
       return undefined;
     }
-    const lease = new HeldLease(key, grant, (ended) => {
-      if (this.#held.get(key) === ended) this.#held.delete(key);
-      this.#queue.leave(key);
-    });
-    this.#held.set(key, lease);
+    const lease = new HeldLease(key, grant, () => this.#queue.leave(key));
+    this.#queue.keep(key, lease);
     if (this.#closed !== undefined) {
       // close() ran while the server granted it: give it straight back.
       await lease.release();
-      throw new LockClosedError(`Cannot acquire lock ${JSON.stringify(key)}`);
+      throw closedError(key);
     }
     return lease;
   }
@@ -572,7 +705,7 @@ export class DriverLocker implements Locker {
     if (this.#closed !== undefined) {
       throw new LockClosedError(`Cannot unlock ${JSON.stringify(key)}`);
     }
-    const lease = this.#held.get(key);
+    const lease = this.#queue.kept(key);
     if (lease === undefined) throw new LockNotHeldError(key);
     await lease.release();
   }
@@ -604,7 +737,8 @@ export class DriverLocker implements Locker {
     // Release first: a release that finds the lock taken away aborts the signal.
     await lease.release();
     // The work finished without the lock: its result must not pass for a locked one.
-    lease.signal.throwIfAborted();
+    const aborted = HeldLease.abortedWith(lease as HeldLease);
+    if (aborted) throw aborted.reason;
     return result;
   }
 
@@ -612,11 +746,12 @@ export class DriverLocker implements Locker {
     return this.#closed ??= (async () => {
       this.#closing.abort();
       // Aborted calls clean up on the server first (etcd deletes its waiter key).
+      if (this.#acquiring > 0) await new Promise<void>((resolve) => this.#drained = resolve);
       await Promise.all(this.#pending);
       const driver = await this.#driver?.catch(() => undefined);
       let given!: (failures: unknown[]) => void;
       const giving = new Promise<unknown[]>((resolve) => given = resolve);
-      const grants = [...this.#held.values()]
+      const grants = this.#queue.values()
         .map((lease) => lease.surrender(giving))
         .filter((grant): grant is Grant => grant !== undefined);
       let failures: unknown[] = [];

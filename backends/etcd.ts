@@ -72,6 +72,7 @@ import {
   type Grant,
   type Locker,
   type LockStatus,
+  Loss,
   settleEach,
 } from "../_locker.ts";
 import {
@@ -81,7 +82,7 @@ import {
   type ResolvedOptions,
   resolveOptions,
 } from "../_options.ts";
-import { LeaseClock, type Renewal } from "../_lease_clock.ts";
+import { type Alarm, Alarms, LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
 import { endStream, type Watch, WatchCanceledError, WatchHub } from "./_etcd_watch.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
@@ -278,6 +279,9 @@ function transient(error: unknown): boolean {
   if (code === 14 || code === 8) return true;
   return /too many requests/i.test(String((error as Error | undefined)?.message));
 }
+
+/** How long a held lock goes unwatched after its grant, in ms (see `Acquisition.hold`). */
+const WATCH_DELAY = 100;
 
 /** The least time one attempt of a request gets before it is sent again. */
 const ATTEMPT_FLOOR = 1_000;
@@ -714,12 +718,21 @@ class Acquisition {
   readonly #key: string;
   readonly #retryInterval: number;
   readonly #hub: WatchHub;
+  readonly #alarms: Alarms;
   /** The oldest key that may be a queue entry (see {@linkcode queueRange}). */
   readonly #ownerRange: IRangeRequest;
 
-  constructor(calls: Calls, hub: WatchHub, session: Session, name: string, retryInterval: number) {
+  constructor(
+    calls: Calls,
+    hub: WatchHub,
+    alarms: Alarms,
+    session: Session,
+    name: string,
+    retryInterval: number,
+  ) {
     this.#calls = calls;
     this.#hub = hub;
+    this.#alarms = alarms;
     this.#session = session;
     this.#name = name;
     this.#prefix = Buffer.from(`${name}/`);
@@ -999,13 +1012,15 @@ class Acquisition {
    * deleted behind our back (watched from the revision we read it at).
    */
   hold(revision: string, header: IResponseHeader, release: () => Promise<void>): Grant {
-    const controller = new AbortController();
+    const loss = new Loss();
     const key = Buffer.from(this.#key);
     let ended = false;
     let watch: Watch | undefined;
     let retry: ReturnType<typeof setTimeout> | undefined;
+    let start: Alarm | undefined;
     const end = () => {
       ended = true;
+      this.#alarms.cancel(start);
       this.#session.signal.removeEventListener("abort", onSessionLost);
       clearTimeout(retry);
       watch?.cancel();
@@ -1014,7 +1029,7 @@ class Acquisition {
     const lose = (reason: LockLostError) => {
       if (ended) return;
       end();
-      controller.abort(reason);
+      loss.lose(reason);
     };
     const onSessionLost = () =>
       lose(new LockLostError(this.#name, String(this.#session.signal.reason)));
@@ -1062,10 +1077,18 @@ class Acquisition {
         }
       }, this.#retryInterval);
     };
-    watchFrom(String(BigInt(header.revision) + 1n));
+    // The watch starts WATCH_DELAY after the grant, from the revision after
+    // it, so it still sees every event since: a lock released before then
+    // (most are, uncontended) costs no watch create and cancel on the
+    // stream, nor etcd's work for them. A deletion in the first moments
+    // aborts the signal that much later.
+    start = this.#alarms.add(performance.now() + WATCH_DELAY, () => {
+      start = undefined;
+      if (!ended) watchFrom(String(BigInt(header.revision) + 1n));
+    });
     return {
       token: BigInt(revision),
-      signal: controller.signal,
+      loss,
       check: () => void this.#session.checkDeadline(),
       release: async () => {
         end();
@@ -1093,12 +1116,16 @@ class EtcdDriver implements Driver {
   readonly #settings: LeaseSettings;
   readonly #onClose: () => Promise<void>;
   #shared?: Promise<Session>;
+  /** The shared session once granted (check `alive` before use). */
+  #live?: Session;
   readonly #sessions = new Set<Session>();
   /** Grants in flight, each settled once a late one is revoked: close() waits for them. */
   readonly #granting = new Set<Promise<unknown>>();
   readonly #held = new WeakMap<Grant, Held>();
   #closed = false;
   readonly #hub: WatchHub;
+  /** The delayed watch starts of the held locks, on one timer. */
+  readonly #alarms = new Alarms();
 
   constructor(calls: Calls, settings: LeaseSettings, onClose: () => Promise<void>) {
     this.#calls = calls;
@@ -1141,7 +1168,9 @@ class EtcdDriver implements Driver {
     }
     const next = this.#grant();
     this.#shared = next;
-    next.catch(() => {
+    next.then((session) => {
+      if (this.#shared === next) this.#live = session;
+    }, () => {
       if (this.#shared === next) this.#shared = undefined;
     });
     return next;
@@ -1153,12 +1182,16 @@ class EtcdDriver implements Driver {
     let session: Session | undefined;
     let done: (() => void) | undefined;
     try {
-      const granting = shared ? this.#sharedSession() : this.#grant();
-      session = await abortable(granting, signal).catch((error) => {
-        // An own lease granted after this call gave up must not live on.
-        if (!shared) granting.then((late) => late.close(), () => {});
-        throw error;
-      });
+      // The hot path: the shared session, alive, without an await.
+      session = shared && this.#live?.alive ? this.#live : undefined;
+      if (session === undefined) {
+        const granting = shared ? this.#sharedSession() : this.#grant();
+        session = await abortable(granting, signal).catch((error) => {
+          // An own lease granted after this call gave up must not live on.
+          if (!shared) granting.then((late) => late.close(), () => {});
+          throw error;
+        });
+      }
       let acquisition!: Acquisition;
       let won: Awaited<ReturnType<Acquisition["run"]>>;
       let full = `${key}/${session.hex}`;
@@ -1168,6 +1201,7 @@ class EtcdDriver implements Driver {
         acquisition = new Acquisition(
           this.#calls,
           this.#hub,
+          this.#alarms,
           session,
           key,
           this.#settings.retryInterval,
@@ -1215,7 +1249,7 @@ class EtcdDriver implements Driver {
         }
       });
       const unused = done;
-      grant.signal.addEventListener("abort", () => unused(), { once: true });
+      grant.loss.listen(() => unused());
       this.#held.set(grant, { session: own, key: full, revision: won.revision });
       return grant;
     } catch (error) {
@@ -1271,6 +1305,7 @@ class EtcdDriver implements Driver {
     // A grant in flight is answered (or gives up at its deadline) and revoked first.
     await Promise.all(this.#granting);
     await settleEach([...this.#sessions], CLOSE_CONCURRENCY, (session) => session.close());
+    this.#alarms.stop();
     await this.#hub.close();
     this.#calls.stop();
     await this.#onClose();

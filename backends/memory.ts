@@ -26,7 +26,14 @@
 
 import { Connector } from "../connector.ts";
 import { LockLostError } from "../errors.ts";
-import { type Driver, DriverLocker, type Grant, type Locker, type LockStatus } from "../_locker.ts";
+import {
+  type Driver,
+  DriverLocker,
+  type Grant,
+  type Locker,
+  type LockStatus,
+  Loss,
+} from "../_locker.ts";
 import { LeaseClock } from "../_lease_clock.ts";
 import { type LeaseSettings, type Options, resolveOptions } from "../_options.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
@@ -150,21 +157,21 @@ export class MemoryStore {
   }
 
   #grant(key: string, slot: Slot, ttl: number | undefined): Grant {
-    const controller = new AbortController();
+    const loss = new Loss();
     const clock = ttl === undefined ? undefined : new LeaseClock({
       deadline: performance.now() + ttl,
       period: ttl,
       retry: ttl,
       lapse: (detail) => {
         // The holder hears of the loss before the next holder is granted.
-        controller.abort(new LockLostError(key, detail));
+        loss.lose(new LockLostError(key, detail));
         if (slot.holder === holder) this.#handOff(key, slot);
       },
       expired: `lease expired after ${ttl} ms`,
     });
     const grant: Grant = {
       token: ++this.#counter,
-      signal: controller.signal,
+      loss,
       check: () => void clock?.check(),
       release: () => {
         // Fenced: only the current holder's release frees the key.

@@ -73,7 +73,7 @@ export class Provoked {
     return error;
   }
 
-  /** Fails if any kept error shows any of `secrets` or a 128-bit hex lock token. */
+  /** Fails if any kept error shows any of `secrets` or a Redis lock token. */
   assertClean(secrets: string[]): void {
     if (this.errors.length === 0) {
       throw new Error("No error was kept: the scan would prove nothing");
@@ -83,9 +83,15 @@ export class Provoked {
       for (const secret of secrets) {
         if (seen.includes(secret)) throw new Error(`A secret shows in an error:\n${seen}`);
       }
-      if (/\b[0-9a-f]{32}\b/.test(seen)) {
+      if (TOKEN_ANYWHERE.test(seen)) {
         throw new Error(`A lock token shows in an error:\n${seen}`);
       }
     }
   }
 }
+
+/** A Redis lock token, as the backend writes it: a version 4 UUID. */
+export const TOKEN = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+/** A Redis lock token anywhere in a text. */
+const TOKEN_ANYWHERE = new RegExp(TOKEN.source.slice(1, -1), "i");

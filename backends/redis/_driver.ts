@@ -6,21 +6,12 @@ import {
   LockLostError,
   LockReplicationError,
 } from "../../errors.ts";
-import { abortable, type Driver, type Grant, type LockStatus } from "../../_locker.ts";
+import { abortable, type Driver, type Grant, type LockStatus, Loss } from "../../_locker.ts";
 import type { LeaseSettings } from "../../_options.ts";
 import { LeaseClock, type Renewal } from "../../_lease_clock.ts";
 import { errorOf, Silence, transient } from "./_errors.ts";
-import type { Instances } from "./_instances.ts";
-import {
-  ACQUIRE,
-  keysOf,
-  RAISE,
-  randomToken,
-  RELEASE,
-  RENEW,
-  RESTORE,
-  STATUS,
-} from "./_scripts.ts";
+import { type Instances, SILENT } from "./_instances.ts";
+import { ACQUIRE, keysOf, RAISE, randomToken, RELEASE, RESTORE, STATUS } from "./_scripts.ts";
 import type { Listener } from "./_subscriptions.ts";
 
 /** What one instance answered to an acquisition attempt. */
@@ -42,6 +33,16 @@ function took(answer: Answer | undefined): boolean {
  */
 function waitWithin(deadline: number): number {
   return (deadline - performance.now()) * 0.75;
+}
+
+/** An acquisition's reply, as an answer: `[1, fence]` granted, `[0, pttl]` held. */
+function readAcquire(reply: unknown): Answer {
+  const [ok, value] = reply as [number, number];
+  return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
+}
+
+function failedAnswer(error: unknown): Answer {
+  return { kind: "failed", error };
 }
 
 /** The clock drift allowed for, as Redlock does: 1% of the TTL plus 2 ms. */
@@ -66,49 +67,79 @@ export class RedisDriver implements Driver {
   }
 
   async acquire(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
+    if (signal.aborted) throw signal.reason;
     const contenders = this.#instances.contenders;
-    if (wait) await contenders.enter(name, signal);
-    else if (!contenders.tryEnter(name)) return undefined;
+    const keys = keysOf(name);
+    const token = randomToken();
+    // Contenders of this process for one key take turns, in line. With
+    // no one in line the first attempt goes at once, without a place:
+    // uncontended, it is the only one, and it costs no queue entry, no
+    // subscription and no wake-up.
+    let inLine = contenders.has(name);
+    if (inLine) {
+      if (!wait) return undefined;
+      await contenders.enter(name, signal);
+    }
     try {
-      return await this.#contend(name, wait, signal);
+      let last: { pttl: number } | undefined;
+      try {
+        const first = await this.#attempt(keys, token, signal);
+        if (first.grant) return first.grant;
+        last = first;
+      } catch (error) {
+        // A waiter outlives a transient loss of connection (a restart, a
+        // failover): only its own signal, or what no retry cures (auth,
+        // permission), ends it. The first connect already proved the server.
+        if (!wait || signal.aborted || !transient(error)) throw error;
+      }
+      if (!wait) return undefined;
+      if (!inLine) {
+        await contenders.enter(name, signal);
+        inLine = true;
+      }
+      return await this.#wait(keys, token, signal, last);
     } finally {
-      contenders.leave(name);
+      if (inLine) contenders.leave(name);
     }
   }
 
-  async #contend(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
-    const keys = keysOf(name);
-    const action = `Cannot acquire lock ${JSON.stringify(name)}`;
-    const token = randomToken();
+  /**
+   * Waits for a release and tries again, until acquired. `last` is the
+   * attempt before (undefined: it failed, and may be retried).
+   */
+  async #wait(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    signal: AbortSignal,
+    last: { pttl: number } | undefined,
+  ): Promise<Grant> {
+    const { retryInterval } = this.#settings;
     let woken: Listener = () => {};
     const wake = () => woken();
     const unsubscribe: (() => void)[] = [];
+    // Made before each attempt, so a release during it still wakes the wait after.
+    let woke = new Promise<void>((resolve) => woken = resolve);
     try {
       for (;;) {
-        const woke = new Promise<void>((resolve) => woken = resolve);
-        let attempt: { grant?: Grant; pttl: number };
-        try {
-          attempt = await this.#attempt(keys, token, signal, action);
-        } catch (error) {
-          // A waiter outlives a transient loss of connection (a restart, a
-          // failover): only its own signal, or what no retry cures (auth,
-          // permission), ends it. The first connect already proved the server.
-          if (!wait || signal.aborted || !transient(error)) throw error;
-          await this.#sleep(this.#settings.retryInterval, woke, signal);
-          continue;
-        }
-        if (attempt.grant) return attempt.grant;
-        if (!wait) return undefined;
-        if (unsubscribe.length === 0) {
+        if (last === undefined) {
+          await this.#sleep(retryInterval, woke, signal);
+        } else if (unsubscribe.length === 0) {
           // Held: subscribe, then try once more before waiting, so a release
           // between the failed attempt and the subscription still counts.
-          // The uncontended path pays no SUBSCRIBE round trip.
           await this.#subscribe(keys.channel, wake, unsubscribe, signal);
-          continue;
+        } else {
+          // Wait for a release, or poll: never past the holder's expiry.
+          await this.#sleep(Math.max(1, Math.min(retryInterval, last.pttl + 1)), woke, signal);
         }
-        // Wait for a release, or poll: never past the holder's expiry.
-        const poll = Math.max(1, Math.min(this.#settings.retryInterval, attempt.pttl + 1));
-        await this.#sleep(poll, woke, signal);
+        woke = new Promise<void>((resolve) => woken = resolve);
+        try {
+          const attempt = await this.#attempt(keys, token, signal);
+          if (attempt.grant) return attempt.grant;
+          last = attempt;
+        } catch (error) {
+          if (signal.aborted || !transient(error)) throw error;
+          last = undefined;
+        }
       }
     } finally {
       for (const remove of unsubscribe) remove();
@@ -153,6 +184,52 @@ export class RedisDriver implements Driver {
     }
   }
 
+  /** The acquisition script on every instance, with a WAIT after each grant if `waitReplicas` asks. */
+  #each(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    sentAt: number,
+    bound: number,
+    signal: AbortSignal,
+  ) {
+    const { ttl, waitReplicas } = this.#settings;
+    const instances = this.#instances;
+    const { list, quorum } = instances;
+    return instances.each<Answer>(ACQUIRE, [keys.lock, keys.fence], [token, ttl], {
+      // A grant counts once `waitReplicas` replicas have it, or a failover
+      // could hand the lock out again with a fencing token gone back.
+      then: async (instance, reply) => {
+        const [ok, value] = reply as [number, number];
+        if (ok !== 1 || waitReplicas === 0) return reply;
+        const waited = waitWithin(sentAt + bound);
+        const acked = await instances.replicated(instance, keys.lock, waitReplicas, waited)
+          .catch(() => 0);
+        return [ok, value, acked, waited];
+      },
+      read: (reply) => {
+        const [ok, value, acked, waited] = reply as [number, number, number?, number?];
+        if (ok !== 1) return { kind: "held", pttl: value };
+        if (acked !== undefined && acked < waitReplicas) {
+          return { kind: "unreplicated", fence: value, acked, waited: waited! };
+        }
+        return { kind: "acquired", fence: value };
+      },
+      failed: failedAnswer,
+      bound,
+      // A grant, or a lock held elsewhere, needs no more answers. An
+      // outcome that will be an error waits for them all (within the
+      // bound), so the error says what each instance answered.
+      decided: (so) => {
+        const acquired = so.filter((a) => a?.kind === "acquired").length;
+        const not = so.filter((a) => a !== undefined && a.kind !== "acquired").length;
+        const failed = so.filter((a) => a?.kind === "failed").length;
+        return acquired >= quorum ||
+          (list.length - not < quorum && list.length - failed >= quorum);
+      },
+      signal,
+    });
+  }
+
   /**
    * One attempt on every instance at once. Acquired on a quorum within the
    * validity time: a grant. Otherwise whatever was acquired is given back,
@@ -165,55 +242,36 @@ export class RedisDriver implements Driver {
     keys: ReturnType<typeof keysOf>,
     token: string,
     signal: AbortSignal,
-    action: string,
   ): Promise<{ grant?: Grant; pttl: number }> {
-    const { ttl, waitReplicas } = this.#settings;
+    const { ttl, waitReplicas, retryInterval } = this.#settings;
     const instances = this.#instances;
     const { list, quorum } = instances;
     const sentAt = performance.now();
     // Past the validity time no answer can make a grant: each call's deadline.
     const bound = ttl - drift(ttl);
-    const { calls, answers } = instances.each<Answer>(
-      ACQUIRE,
-      [keys.lock, keys.fence],
-      [token, ttl],
-      {
-        // A grant counts once `waitReplicas` replicas have it, or a failover
-        // could hand the lock out again with a fencing token gone back.
-        then: async (instance, reply) => {
-          const [ok, value] = reply as [number, number];
-          if (ok !== 1 || waitReplicas === 0) return reply;
-          const waited = waitWithin(sentAt + bound);
-          const acked = await instances.replicated(instance, keys.lock, waitReplicas, waited)
-            .catch(() => 0);
-          return [ok, value, acked, waited];
-        },
-        read: (reply) => {
-          const [ok, value, acked, waited] = reply as [number, number, number?, number?];
-          if (ok !== 1) return { kind: "held", pttl: value };
-          if (acked !== undefined && acked < waitReplicas) {
-            return { kind: "unreplicated", fence: value, acked, waited: waited! };
-          }
-          return { kind: "acquired", fence: value };
-        },
-        failed: (error) => ({ kind: "failed", error }),
-        bound,
-        // A grant, or a lock held elsewhere, needs no more answers. An
-        // outcome that will be an error waits for them all (within the
-        // bound), so the error says what each instance answered.
-        decided: (so) => {
-          const acquired = so.filter((a) => a?.kind === "acquired").length;
-          const not = so.filter((a) => a !== undefined && a.kind !== "acquired").length;
-          const failed = so.filter((a) => a?.kind === "failed").length;
-          return acquired >= quorum ||
-            (list.length - not < quorum && list.length - failed >= quorum);
-        },
-        signal,
-      },
-    );
+    let calls: Promise<Answer>[] = [];
     let answered: (Answer | undefined)[];
     try {
-      answered = await answers;
+      if (list.length === 1 && waitReplicas === 0) {
+        // One Redis, no WAIT: the one script call, and the common outcomes
+        // (granted in time, held) decided here, without the quorum's arrays.
+        const call = instances.run(list[0], ACQUIRE, [keys.lock, keys.fence], [token, ttl])
+          .then(readAcquire, failedAnswer);
+        calls = [call];
+        const answer = await instances.within(call, bound, signal);
+        if (answer !== SILENT && answer.kind === "acquired") {
+          if (ttl - (performance.now() - sentAt) - drift(ttl) > 0) {
+            return { grant: this.#hold(keys, token, BigInt(answer.fence), sentAt), pttl: 0 };
+          }
+        } else if (answer !== SILENT && answer.kind === "held") {
+          return { pttl: answer.pttl > 0 ? answer.pttl : retryInterval };
+        }
+        answered = [answer === SILENT ? undefined : answer];
+      } else {
+        const each = this.#each(keys, token, sentAt, bound, signal);
+        calls = each.calls;
+        answered = await each.answers;
+      }
     } catch (reason) {
       // Given up while a SET was in flight (a stalled server, say): when the
       // answer comes, give back whatever it acquired. No ghost lock.
@@ -221,6 +279,7 @@ export class RedisDriver implements Driver {
       this.#giveBackLate(calls, undefined, keys, token, () => true, true);
       throw reason;
     }
+    const action = `Cannot acquire lock ${JSON.stringify(keys.name)}`;
     const results = answered.map((a): Answer => a ?? { kind: "failed", error: new Silence(bound) });
     const acquired = results.filter((a) => a.kind === "acquired");
     const validity = ttl - (performance.now() - sentAt) - drift(ttl);
@@ -239,8 +298,8 @@ export class RedisDriver implements Driver {
       // A late SET that took the key joined this lease: renewals extend it and
       // the release, sent after it on the same connection, deletes it. Once
       // the lease has ended, nothing will: give it back.
-      this.#giveBackLate(calls, answered, keys, token, held.ended);
-      return { grant: held.grant, pttl: 0 };
+      this.#giveBackLate(calls, answered, keys, token, () => held.ended);
+      return { grant: held, pttl: 0 };
     }
     // Taken on a quorum, too late to hold or not replicated: waiters saw it
     // held, so wake them.
@@ -392,129 +451,23 @@ export class RedisDriver implements Driver {
     let timer: ReturnType<typeof setTimeout> | undefined;
     try {
       // A give-back not answered in time still runs; the key expires anyway.
-      await Promise.race([given, new Promise((resolve) => timer = setTimeout(resolve, bound))]);
+      await Promise.race([
+        given,
+        new Promise((resolve) => timer = setTimeout(resolve, Math.max(0, bound))),
+      ]);
     } finally {
       clearTimeout(timer);
     }
   }
 
-  /**
-   * The held lock. Loss is decided locally (see `LeaseClock`): the deadline
-   * is the send time of the last acquisition or renewal that a quorum
-   * confirmed, plus the TTL, less the drift allowance. A renewal that Redis
-   * refuses (the key is gone or someone else's) loses the lock at once. A
-   * quorum of answers decides each renewal and the release; no call waits
-   * past the lease's deadline. `ended` says whether it was released or lost.
-   */
+  /** The held lock: see {@linkcode HeldLock}. */
   #hold(
     keys: ReturnType<typeof keysOf>,
     token: string,
     fence: bigint,
     sentAt: number,
-  ): { grant: Grant; ended: () => boolean } {
-    const { ttl, autoRenew, waitReplicas } = this.#settings;
-    const instances = this.#instances;
-    const { list, quorum } = instances;
-    const name = keys.name;
-    const controller = new AbortController();
-    let released = false;
-    const renew = async (): Promise<Renewal> => {
-      const sent = performance.now();
-      type Reply = "renewed" | "refused" | "missing" | "failed";
-      const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
-        replies.filter((r) => r !== undefined && which.includes(r)).length;
-      const { calls, answers } = instances.each<Reply>(RENEW, [keys.lock], [token, ttl], {
-        // A renewal that the replicas do not have would not survive a
-        // failover: not confirmed, and the deadline decides.
-        then: async (instance, reply) => {
-          if (reply !== 1 || waitReplicas === 0) return reply;
-          const acked = await instances.replicated(
-            instance,
-            keys.lock,
-            waitReplicas,
-            waitWithin(clock.deadline),
-          );
-          return acked >= waitReplicas ? reply : "unacknowledged";
-        },
-        read: (reply) =>
-          reply === 1 ? "renewed" : reply === -1 ? "missing" : reply === 0 ? "refused" : "failed",
-        failed: () => "failed",
-        // Past the lease's deadline no answer can save it.
-        bound: clock.deadline - sent,
-        decided: (so) =>
-          count(so, "renewed") >= quorum ||
-          list.length - count(so, "refused", "missing") < quorum,
-      });
-      const replies = await answers;
-      if (list.length - count(replies, "refused", "missing") < quorum) {
-        return { lost: "its key was deleted or taken over" };
-      }
-      if (count(replies, "renewed") < quorum) return { ok: false };
-      // Held on a quorum: put the key back on the minority that lost it, or
-      // every waiter's attempt would take it there and give it back. Such an
-      // instance may answer after the quorum did: wait for each answer.
-      calls.forEach((call, i) =>
-        void call.then((reply) => {
-          if (reply !== "missing" || released || controller.signal.aborted) return;
-          return instances.run(list[i], RESTORE, [keys.lock, keys.fence], [
-            token,
-            ttl,
-            String(fence),
-          ]).catch(() => {}); // the next renewal tries again
-        })
-      );
-      return { ok: true, deadline: sent + ttl - drift(ttl) };
-    };
-    const clock = new LeaseClock({
-      deadline: sentAt + ttl - drift(ttl),
-      period: ttl / 3,
-      // After a failure try again soon; the deadline is what decides loss.
-      retry: Math.min(ttl / 6, 500),
-      renew: autoRenew ? renew : undefined,
-      lapse: (detail) => controller.abort(new LockLostError(name, detail)),
-      expired: `its ${ttl} ms lease ran out before a renewal was confirmed`,
-    });
-    const release = async () => {
-      released = true;
-      clock.stop();
-      type Reply = "deleted" | "not ours" | { error: unknown };
-      const count = (replies: (Reply | undefined)[], which: (r: Reply) => boolean) =>
-        replies.filter((r) => r !== undefined && which(r)).length;
-      const notOurs = (r: Reply) => r === "not ours";
-      const failed = (r: Reply) => typeof r === "object";
-      // Past the lease's deadline (and the drift allowed) the key has expired anyway.
-      const bound = clock.deadline - performance.now() + drift(ttl);
-      const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
-      const args = [token, keys.channel, sharded];
-      const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
-        read: (reply) => reply === 1 ? "deleted" : "not ours",
-        failed: (error) => ({ error }),
-        bound,
-        decided: (so) =>
-          count(so, (r) => r === "deleted") >= quorum ||
-          list.length - count(so, notOurs) < quorum ||
-          list.length - count(so, failed) < quorum,
-      });
-      const replies = (await answers).map((r): Reply => r ?? { error: new Silence(bound) });
-      if (list.length - count(replies, notOurs) < quorum) {
-        // The key was deleted, evicted or overwritten while this holder
-        // believed it held the lock: the work did not run under it.
-        controller.abort(new LockLostError(name, "it was taken away before the release"));
-        return;
-      }
-      if (list.length - count(replies, failed) < quorum) {
-        const i = replies.findIndex(failed);
-        const { error } = replies[i] as { error: unknown };
-        const action = `Cannot release lock ${JSON.stringify(name)}`;
-        throw error instanceof Silence
-          ? error.fail(action, list[i].name)
-          : instances.error(error, action, list[i].name, token);
-      }
-    };
-    return {
-      grant: { token: fence, signal: controller.signal, check: () => void clock.check(), release },
-      ended: () => released || controller.signal.aborted,
-    };
+  ): HeldLock {
+    return new HeldLock(this.#instances, this.#settings, keys, token, fence, sentAt);
   }
 
   status(name: string): Promise<LockStatus> {
@@ -523,6 +476,179 @@ export class RedisDriver implements Driver {
 
   async close(): Promise<void> {
     await this.#onClose();
+  }
+}
+
+/**
+ * A held lock. Loss is decided locally (see `LeaseClock`): the deadline is
+ * the send time of the last acquisition or renewal that a quorum confirmed,
+ * plus the TTL, less the drift allowance. A renewal that Redis refuses (the
+ * key is gone or someone else's) loses the lock at once. A quorum of answers
+ * decides each renewal and the release; no call waits past the lease's
+ * deadline. Renewals go out in the client's passes, batched (see
+ * `Instances.renew`). A class, not closures: it is what each held lock
+ * costs in memory.
+ */
+class HeldLock implements Grant {
+  readonly token: bigint;
+  readonly loss = new Loss();
+  readonly #instances: Instances;
+  readonly #settings: LeaseSettings;
+  readonly #keys: ReturnType<typeof keysOf>;
+  readonly #secret: string;
+  readonly #clock: LeaseClock;
+  #released = false;
+
+  constructor(
+    instances: Instances,
+    settings: LeaseSettings,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    fence: bigint,
+    sentAt: number,
+  ) {
+    this.token = fence;
+    this.#instances = instances;
+    this.#settings = settings;
+    this.#keys = keys;
+    this.#secret = token;
+    const { ttl, autoRenew } = settings;
+    this.#clock = new LeaseClock({
+      deadline: sentAt + ttl - drift(ttl),
+      period: ttl / 3,
+      // After a failure try again soon; the deadline is what decides loss.
+      retry: Math.min(ttl / 6, 500),
+      renew: autoRenew ? () => this.#renew() : undefined,
+      lapse: (detail) => this.loss.lose(new LockLostError(keys.name, detail)),
+      expired: `its ${ttl} ms lease ran out before a renewal was confirmed`,
+      alarms: instances.alarms,
+    });
+  }
+
+  /** Whether it was released or lost. */
+  get ended(): boolean {
+    return this.#released || this.loss.lost;
+  }
+
+  check(): void {
+    this.#clock.check();
+  }
+
+  async #renew(): Promise<Renewal> {
+    const { ttl, waitReplicas } = this.#settings;
+    const instances = this.#instances;
+    const { list, quorum } = instances;
+    const keys = this.#keys;
+    const token = this.#secret;
+    const clock = this.#clock;
+    const sent = performance.now();
+    type Reply = "renewed" | "refused" | "missing" | "failed";
+    const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
+      replies.filter((r) => r !== undefined && which.includes(r)).length;
+    const { calls, answers } = instances.each<Reply>("", [], [], {
+      // Batched with the other renewals of this pass. A renewal that the
+      // replicas do not have would not survive a failover: not confirmed
+      // ("unacknowledged"), and the deadline decides.
+      call: (instance) =>
+        instances.renew(instance, keys.lock, token, ttl, waitReplicas, waitWithin(clock.deadline)),
+      read: (reply) =>
+        reply === 1 ? "renewed" : reply === -1 ? "missing" : reply === 0 ? "refused" : "failed",
+      failed: () => "failed",
+      // Past the lease's deadline no answer can save it.
+      bound: clock.deadline - sent,
+      decided: (so) =>
+        count(so, "renewed") >= quorum ||
+        list.length - count(so, "refused", "missing") < quorum,
+    });
+    const replies = await answers;
+    if (list.length - count(replies, "refused", "missing") < quorum) {
+      return { lost: "its key was deleted or taken over" };
+    }
+    if (count(replies, "renewed") < quorum) return { ok: false };
+    // Held on a quorum: put the key back on the minority that lost it, or
+    // every waiter's attempt would take it there and give it back. Such an
+    // instance may answer after the quorum did: wait for each answer.
+    calls.forEach((call, i) =>
+      void call.then((reply) => {
+        if (reply !== "missing" || this.ended) return;
+        return instances.run(list[i], RESTORE, [keys.lock, keys.fence], [
+          token,
+          ttl,
+          String(this.token),
+        ]).catch(() => {}); // the next renewal tries again
+      })
+    );
+    return { ok: true, deadline: sent + ttl - drift(ttl) };
+  }
+
+  async release(): Promise<void> {
+    this.#released = true;
+    const clock = this.#clock;
+    clock.stop();
+    const instances = this.#instances;
+    const { list, quorum } = instances;
+    const keys = this.#keys;
+    const name = keys.name;
+    const token = this.#secret;
+    // Past the lease's deadline (and the drift allowed) the key has expired anyway.
+    const bound = clock.deadline - performance.now() + drift(this.#settings.ttl);
+    if (list.length === 1) {
+      // One Redis: its answer decides, without the quorum's arrays.
+      const only = list[0];
+      const sharded = only.subscriptions.sharded ? "s" : "";
+      let reply: unknown;
+      try {
+        const call = instances.run(only, RELEASE, [keys.lock], [token, keys.channel, sharded]);
+        reply = await instances.within(call, bound);
+      } catch (error) {
+        throw instances.error(
+          error,
+          `Cannot release lock ${JSON.stringify(name)}`,
+          only.name,
+          token,
+        );
+      }
+      if (reply === SILENT) {
+        throw new Silence(bound).fail(`Cannot release lock ${JSON.stringify(name)}`, only.name);
+      }
+      // The key was deleted, evicted or overwritten while this holder
+      // believed it held the lock: the work did not run under it.
+      if (reply !== 1) {
+        this.loss.lose(new LockLostError(name, "it was taken away before the release"));
+      }
+      return;
+    }
+    type Reply = "deleted" | "not ours" | { error: unknown };
+    const count = (replies: (Reply | undefined)[], which: (r: Reply) => boolean) =>
+      replies.filter((r) => r !== undefined && which(r)).length;
+    const notOurs = (r: Reply) => r === "not ours";
+    const failed = (r: Reply) => typeof r === "object";
+    const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
+    const args = [token, keys.channel, sharded];
+    const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
+      read: (reply) => reply === 1 ? "deleted" : "not ours",
+      failed: (error) => ({ error }),
+      bound,
+      decided: (so) =>
+        count(so, (r) => r === "deleted") >= quorum ||
+        list.length - count(so, notOurs) < quorum ||
+        list.length - count(so, failed) < quorum,
+    });
+    const replies = (await answers).map((r): Reply => r ?? { error: new Silence(bound) });
+    if (list.length - count(replies, notOurs) < quorum) {
+      // The key was deleted, evicted or overwritten while this holder
+      // believed it held the lock: the work did not run under it.
+      this.loss.lose(new LockLostError(name, "it was taken away before the release"));
+      return;
+    }
+    if (list.length - count(replies, failed) < quorum) {
+      const i = replies.findIndex(failed);
+      const { error } = replies[i] as { error: unknown };
+      const action = `Cannot release lock ${JSON.stringify(name)}`;
+      throw error instanceof Silence
+        ? error.fail(action, list[i].name)
+        : instances.error(error, action, list[i].name, token);
+    }
   }
 }
 

@@ -3,10 +3,11 @@
 import { Cluster, type Redis } from "ioredis";
 import type { LockError } from "../../errors.ts";
 import { KeyQueue } from "../../_locker.ts";
+import { Alarms } from "../../_lease_clock.ts";
 import { scrub } from "../../_scrub.ts";
 import type { Client } from "./_connection.ts";
 import { type Kind, kindOf, translate } from "./_errors.ts";
-import { sha1, shas, slotOf } from "./_scripts.ts";
+import { RENEW_BATCH, RENEW_MANY, sha1, shas, slotOf } from "./_scripts.ts";
 import type { Subscriptions } from "./_subscriptions.ts";
 
 /** One Redis (a server, a Sentinel's primary, a Cluster): its client, its subscriber, and how to name it in messages. */
@@ -15,6 +16,15 @@ export interface Instance {
   readonly client: Client;
   readonly subscriptions: Subscriptions;
 }
+
+/** ioredis's script calls, as they take arrays of keys and arguments. */
+interface Evaluator {
+  evalsha(sha: string, count: number, keys: string[], args: (string | number)[]): Promise<unknown>;
+  eval(script: string, count: number, keys: string[], args: (string | number)[]): Promise<unknown>;
+}
+
+/** What `Instances.within` resolves when no answer came in time. */
+export const SILENT: unique symbol = Symbol("silent");
 
 /** The instances of one connection config: one Redis, or the Redlock set. */
 export class Instances {
@@ -25,7 +35,15 @@ export class Instances {
    * waiter per process, not one per locker.
    */
   readonly contenders = new KeyQueue();
+  /**
+   * The timer of every lease and call deadline on these clients: renewals
+   * that fall due together go out in one pass, and a call costs no timer.
+   */
+  readonly alarms = new Alarms();
   readonly #secrets: string[];
+  /** Renewals asked for in this pass, by instance, sent together at its end. */
+  #renewals = new Map<Instance, PendingRenewal[]>();
+  #flushing = false;
   /** Give-backs waiting for the answer to an acquisition abandoned in flight, with their bounds. */
   readonly #late = new Set<{ done: Promise<void>; until: number }>();
 
@@ -83,19 +101,132 @@ export class Instances {
   }
 
   /** Runs a script by SHA, loading it on NOSCRIPT. */
-  async run(instance: Instance, script: string, keys: string[], args: (string | number)[]) {
-    const sha = shas.get(script) ?? await sha1(script);
-    try {
-      return await instance.client.evalsha(sha, keys.length, ...keys, ...args);
-    } catch (error) {
+  run(
+    instance: Instance,
+    script: string,
+    keys: string[],
+    args: (string | number)[],
+  ): Promise<unknown> {
+    const sha = shas.get(script);
+    if (sha === undefined) return sha1(script).then(() => this.run(instance, script, keys, args));
+    // ioredis flattens array arguments (its typings do not say so): no
+    // spread copies on the hot path.
+    const client = instance.client as unknown as Evaluator;
+    return client.evalsha(sha, keys.length, keys, args).catch((error: unknown) => {
       if (!String((error as Error)?.message).startsWith("NOSCRIPT")) throw error;
-      return await instance.client.eval(script, keys.length, ...keys, ...args);
+      return client.eval(script, keys.length, keys, args);
+    });
+  }
+
+  /**
+   * What `call` resolves, or `SILENT` once `bound` ms passed without it (on
+   * the shared alarms: no timer of its own); rejects with its error, or with
+   * `signal.reason` if that aborts first.
+   */
+  within<T>(call: Promise<T>, bound: number, signal?: AbortSignal): Promise<T | typeof SILENT> {
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const finish = () => {
+        done = true;
+        this.alarms.cancel(alarm);
+        signal?.removeEventListener("abort", onAbort);
+      };
+      const onAbort = () => {
+        if (done) return;
+        finish();
+        reject(signal!.reason);
+      };
+      const alarm = this.alarms.add(performance.now() + Math.max(0, bound), () => {
+        if (done) return;
+        finish();
+        resolve(SILENT);
+      });
+      if (signal !== undefined) {
+        if (signal.aborted) return onAbort();
+        signal.addEventListener("abort", onAbort, { once: true });
+      }
+      call.then((reply) => {
+        if (done) return;
+        finish();
+        resolve(reply);
+      }, (error) => {
+        if (done) return;
+        finish();
+        reject(error);
+      });
+    });
+  }
+
+  /**
+   * Renews `key` if it is still `token`'s, in one RENEW_MANY call with every
+   * other renewal asked for on `instance` in the same pass (up to
+   * RENEW_BATCH keys a call; on a Cluster one call per slot, all sent at
+   * once, so one round trip per node). Resolves RENEW's reply for this key
+   * (1, 0 or -1), or "unacknowledged" if it was renewed but fewer than
+   * `replicas` replicas acknowledged within `waitMs`.
+   */
+  renew(
+    instance: Instance,
+    key: string,
+    token: string,
+    ttl: number,
+    replicas: number,
+    waitMs: number,
+  ): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      let queue = this.#renewals.get(instance);
+      if (queue === undefined) this.#renewals.set(instance, queue = []);
+      queue.push({ key, token, ttl, replicas, waitMs, resolve, reject });
+      if (this.#flushing) return;
+      this.#flushing = true;
+      queueMicrotask(() => this.#flushRenewals());
+    });
+  }
+
+  #flushRenewals() {
+    this.#flushing = false;
+    const pending = this.#renewals;
+    this.#renewals = new Map();
+    for (const [instance, queue] of pending) {
+      const cluster = instance.client instanceof Cluster;
+      const groups = new Map<string, PendingRenewal[]>();
+      for (const renewal of queue) {
+        const slot = cluster ? slotOf(renewal.key) : 0;
+        const group = `${slot} ${renewal.ttl} ${renewal.replicas}`;
+        const list = groups.get(group);
+        if (list === undefined) groups.set(group, [renewal]);
+        else list.push(renewal);
+      }
+      for (const group of groups.values()) {
+        for (let i = 0; i < group.length; i += RENEW_BATCH) {
+          void this.#renewBatch(instance, group.slice(i, i + RENEW_BATCH));
+        }
+      }
+    }
+  }
+
+  async #renewBatch(instance: Instance, batch: PendingRenewal[]): Promise<void> {
+    const { ttl, replicas } = batch[0];
+    try {
+      const keys = batch.map((renewal) => renewal.key);
+      const tokens = batch.map((renewal) => renewal.token);
+      const replies = await this.run(instance, RENEW_MANY, keys, [ttl, ...tokens]) as number[];
+      let acked = replicas;
+      if (replicas > 0 && replies.includes(1)) {
+        const waitMs = Math.min(...batch.map((renewal) => renewal.waitMs));
+        acked = await this.replicated(instance, keys[0], replicas, waitMs).catch(() => 0);
+      }
+      batch.forEach((renewal, i) =>
+        renewal.resolve(replies[i] === 1 && acked < replicas ? "unacknowledged" : replies[i])
+      );
+    } catch (error) {
+      for (const renewal of batch) renewal.reject(error);
     }
   }
 
   /**
    * Runs a script on every instance at once; each call gets its own
-   * deadline, since ioredis has none per command. `answers` resolves as soon
+   * deadline, since ioredis has none per command (on the shared alarms). `answers` resolves as soon
    * as `decided` holds for the answers so far, every instance answered, or
    * `bound` ms passed, so a stalled or partitioned instance holds up nobody:
    * one that did not answer in time is `undefined` there. Its call goes on in
@@ -104,6 +235,7 @@ export class Instances {
    * `where`, only the instances it picks are called; the others answer
    * `failed(undefined)` at once. With `then`, each reply goes through it
    * before `read` (for a WAIT after the script, within the same deadline).
+   * With `call`, it replaces the script call (a batched renewal).
    */
   each<T>(
     script: string,
@@ -117,16 +249,17 @@ export class Instances {
       signal?: AbortSignal;
       where?: (i: number) => boolean;
       then?: (instance: Instance, reply: unknown) => Promise<unknown>;
+      call?: (instance: Instance) => Promise<unknown>;
     },
   ): { calls: Promise<T>[]; answers: Promise<(T | undefined)[]> } {
-    const { read, failed, bound, decided, signal, where, then } = options;
-    const calls = this.list.map((instance, i) =>
-      where === undefined || where(i)
-        ? this.run(instance, script, keys, args)
-          .then((reply) => then === undefined ? reply : then(instance, reply))
-          .then(read).catch(failed)
-        : Promise.resolve(failed(undefined))
-    );
+    const { read, failed, bound, decided, signal, where, then, call } = options;
+    const calls = this.list.map((instance, i) => {
+      if (where !== undefined && !where(i)) return Promise.resolve(failed(undefined));
+      const sent = call === undefined ? this.run(instance, script, keys, args) : call(instance);
+      return then === undefined
+        ? sent.then(read, failed)
+        : sent.then((reply) => then(instance, reply)).then(read, failed);
+    });
     const answers = new Promise<(T | undefined)[]>((resolve, reject) => {
       const soFar: (T | undefined)[] = calls.map(() => undefined);
       let pending = calls.length;
@@ -134,12 +267,15 @@ export class Instances {
       const finish = (settle: () => void) => {
         if (done) return;
         done = true;
-        clearTimeout(timer);
+        this.alarms.cancel(alarm);
         signal?.removeEventListener("abort", onAbort);
         settle();
       };
       const onAbort = () => finish(() => reject(signal!.reason));
-      const timer = setTimeout(() => finish(() => resolve([...soFar])), Math.max(0, bound));
+      const alarm = this.alarms.add(
+        performance.now() + Math.max(0, bound),
+        () => finish(() => resolve([...soFar])),
+      );
       if (signal?.aborted) return onAbort();
       signal?.addEventListener("abort", onAbort, { once: true });
       calls.forEach((call, i) =>
@@ -183,8 +319,20 @@ export class Instances {
 
   async close(): Promise<void> {
     await this.#settleLate();
+    this.alarms.stop();
     await Promise.all(this.list.map((instance) => instance.subscriptions.close()));
   }
+}
+
+/** A renewal waiting for the end of its pass. */
+interface PendingRenewal {
+  key: string;
+  token: string;
+  ttl: number;
+  replicas: number;
+  waitMs: number;
+  resolve(reply: unknown): void;
+  reject(error: unknown): void;
 }
 
 /** How long closing waits at most for Redis to answer an acquisition abandoned in flight. */

@@ -25,15 +25,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0`;
 
-// KEYS: lock. ARGV: token, ttl ms. Fenced extend: 1, or 0 if the key is
-// someone else's, or -1 if it is missing.
-export const RENEW = `
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+// KEYS: locks. ARGV: ttl ms, then each lock's token. Fenced extend of many
+// locks at once, one reply per key: 1, or 0 if the key is someone else's,
+// or -1 if it is missing. A renewal pass sends one call per hundred locks,
+// not one per lock. On a Cluster the keys of one call share a slot.
+export const RENEW_MANY = `
+local replies = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if holder == ARGV[i + 1] then
+    replies[i] = redis.call('PEXPIRE', key, ARGV[1])
+  elseif holder == false then
+    replies[i] = -1
+  else
+    replies[i] = 0
+  end
 end
-if holder == false then return -1 end
-return 0`;
+return replies`;
+
+/** How many locks one RENEW_MANY call renews at most. */
+export const RENEW_BATCH = 100;
 
 // KEYS: lock, fence. ARGV: token, ttl ms, fencing token. Redlock: puts a
 // held lease's key back on an instance that lost it (down at the
@@ -82,9 +93,9 @@ export function slotOf(key: string): number {
   return crc16(new TextEncoder().encode(tagged)) % 16384;
 }
 
-/** A random token: 128 bits from Web Crypto, as hex. */
+/** A random token: a version 4 UUID from Web Crypto (122 random bits), the cheapest source. */
 export function randomToken(): string {
-  return toHex(crypto.getRandomValues(new Uint8Array(16)));
+  return crypto.randomUUID();
 }
 
 export const shas = new Map<string, string>();
