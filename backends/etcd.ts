@@ -492,6 +492,12 @@ class Session {
   readonly ttl: number;
   readonly #calls: Calls;
   readonly #controller = new AbortController();
+  /**
+   * The held locks' loss callbacks: a set, not a listener each on `signal`,
+   * whose removal scans every listener (10,000 held locks made close()
+   * quadratic) and costs more memory.
+   */
+  readonly #holders = new Set<() => void>();
   readonly #clock: LeaseClock;
   #renewing = true;
   #revoked?: Promise<void>;
@@ -523,7 +529,7 @@ class Session {
       // After a failure, try again soon: the deadline is what decides loss.
       retry: Math.min(retryInterval * 5, ttl / 6),
       renew: () => this.#renew(),
-      lapse: (detail) => this.#controller.abort(detail),
+      lapse: (detail) => this.#lose(detail),
       expired: `no keepalive was acknowledged within the ${ttl} ms lease`,
     });
   }
@@ -537,6 +543,23 @@ class Session {
       throw new LockError(`Cannot grant an etcd lease: ${response.error || "no TTL"}`);
     }
     return new Session(calls, response.ID, granted, sentAt, retryInterval);
+  }
+
+  #lose(detail: unknown) {
+    this.#controller.abort(detail);
+    const holders = [...this.#holders];
+    this.#holders.clear();
+    for (const holder of holders) holder();
+  }
+
+  /** Calls `lost` once the lease is gone (at once if it is); the result stops that. */
+  whenLost(lost: () => void): () => void {
+    if (this.#controller.signal.aborted) {
+      lost();
+      return () => {};
+    }
+    this.#holders.add(lost);
+    return () => this.#holders.delete(lost);
   }
 
   /** Aborts when the lease is gone; its reason is why, as a phrase. */
@@ -1029,16 +1052,27 @@ class Acquisition {
    * deleted behind our back (watched from the revision we read it at).
    */
   hold(revision: string, header: IResponseHeader, release: () => Promise<void>): Grant {
+    // The closures below keep these, not the acquisition (its buffers and
+    // ranges): a held lock's memory is what 10,000 of them cost.
+    const name = this.#name;
+    const hub = this.#hub;
+    const session = this.#session;
+    const calls = this.#calls;
+    const alarms = this.#alarms;
+    const retryInterval = this.#retryInterval;
+    // The revision to watch from, not the whole response header.
+    const from = String(BigInt(header.revision) + 1n);
     const loss = new Loss();
     const key = Buffer.from(this.#key);
     let ended = false;
     let watch: Watch | undefined;
     let retry: ReturnType<typeof setTimeout> | undefined;
     let start: Alarm | undefined;
+    let forget = () => {};
     const end = () => {
       ended = true;
-      this.#alarms.cancel(start);
-      this.#session.signal.removeEventListener("abort", onSessionLost);
+      alarms.cancel(start);
+      forget();
       clearTimeout(retry);
       watch?.cancel();
       watch = undefined;
@@ -1048,24 +1082,21 @@ class Acquisition {
       end();
       loss.lose(reason);
     };
-    const onSessionLost = () =>
-      lose(new LockLostError(this.#name, String(this.#session.signal.reason)));
-    this.#session.signal.addEventListener("abort", onSessionLost, { once: true });
-    if (this.#session.signal.aborted) onSessionLost();
+    forget = session.whenLost(() => lose(new LockLostError(name, String(session.signal.reason))));
     // From the revision after the one we last saw our key at, so nothing in
     // between is missed. The hub resumes it after a stream break; if etcd
     // cancels it or refuses it, read the key and start again.
     const watchFrom = (from: string) => {
-      const w = this.#hub.watch(key, from, {
+      const w = hub.watch(key, from, {
         onEvents: (events) => {
           for (const event of events) {
             if (event.type === "Delete") {
-              lose(new LockLostError(this.#name, "its key was deleted"));
+              lose(new LockLostError(name, "its key was deleted"));
               // Perhaps with its whole lease (revoked): the other keys on it
               // learn of it now rather than at the next keepalive.
-              this.#session.verify();
+              session.verify();
             } else if (event.kv.create_revision !== revision) {
-              lose(new LockLostError(this.#name, "its key was replaced"));
+              lose(new LockLostError(name, "its key was replaced"));
             }
           }
         },
@@ -1082,41 +1113,36 @@ class Acquisition {
       if (ended) return;
       retry = setTimeout(async () => {
         try {
-          const response = await this.#calls.range({ key });
+          const response = await calls.range({ key });
           const now = response.kvs[0];
-          if (now === undefined) return lose(new LockLostError(this.#name, "its key was deleted"));
+          if (now === undefined) return lose(new LockLostError(name, "its key was deleted"));
           if (now.create_revision !== revision) {
-            return lose(new LockLostError(this.#name, "its key was replaced"));
+            return lose(new LockLostError(name, "its key was replaced"));
           }
           if (!ended) watchFrom(String(BigInt(response.header.revision) + 1n));
         } catch {
           resync();
         }
-      }, this.#retryInterval);
+      }, retryInterval);
     };
     // The watch starts WATCH_DELAY after the grant, from the revision after
     // it, so it still sees every event since: a lock released before then
     // (most are, uncontended) costs no watch create and cancel on the
     // stream, nor etcd's work for them. A deletion in the first moments
     // aborts the signal that much later.
-    start = this.#alarms.add(performance.now() + WATCH_DELAY, () => {
+    start = alarms.add(performance.now() + WATCH_DELAY, () => {
       start = undefined;
-      if (!ended) watchFrom(String(BigInt(header.revision) + 1n));
+      if (!ended) watchFrom(from);
     });
     return {
       token: BigInt(revision),
       loss,
-      check: () => void this.#session.checkDeadline(),
+      check: () => void session.checkDeadline(),
       release: async () => {
         end();
         await release();
       },
     };
-  }
-
-  /** Fenced release of the key at `revision`. */
-  release(revision: string): Promise<void> {
-    return fencedDelete(this.#calls, this.#key, revision);
   }
 }
 
@@ -1249,13 +1275,17 @@ class EtcdDriver implements Driver {
         // once if waiting took a while, then let it run out.
         await own.stopRenewing(performance.now() - started > 50);
       }
-      const grant = acquisition.hold(won.revision, won.header, async () => {
+      // The release keeps what it needs, not the acquisition: a held lock's
+      // memory is what 10,000 of them cost.
+      const calls = this.#calls;
+      const revision = won.revision;
+      const grant = acquisition.hold(revision, won.header, async () => {
         try {
           if (shared) {
             try {
-              await acquisition.release(won.revision);
+              await fencedDelete(calls, full, revision);
             } catch (error) {
-              own.orphan(full, won.revision);
+              own.orphan(full, revision);
               throw this.#calls.error(error, `Cannot release lock ${JSON.stringify(key)}`);
             }
           } else {
@@ -1267,7 +1297,7 @@ class EtcdDriver implements Driver {
       });
       const unused = done;
       grant.loss.listen(() => unused());
-      this.#held.set(grant, { session: own, key: full, revision: won.revision });
+      this.#held.set(grant, { session: own, key: full, revision });
       return grant;
     } catch (error) {
       done?.();

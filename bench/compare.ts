@@ -131,6 +131,14 @@ function packageVersion(name: string): string {
   }
 }
 
+/**
+ * Whether a run is too short to quote: asked for, or under 10 s of
+ * measurement per contender and scenario (the window times the rounds).
+ */
+function smoke(args: { smoke: boolean; seconds: number; rounds: number }): boolean {
+  return args.smoke || args.seconds * args.rounds < 10;
+}
+
 /** Pins `pid` (every thread) to CPU 0, or to every CPU when unpinned; false without taskset. */
 function pin(pid: number, pinned: boolean): boolean {
   const cpusList = pinned ? "0" : `0-${cpus().length - 1}`;
@@ -559,9 +567,13 @@ function renderReport(
   const line = (s = "") => out.push(s);
   line("# Benchmarks");
   line();
-  if (args.smoke || args.seconds < 5) {
+  if (smoke(args)) {
     line("> **SMOKE RUN: these are not measured figures.** This file was written by a short");
-    line(`> run (${args.seconds} s per scenario) on a shared, busy machine, to check the harness.`);
+    line(
+      `> run (${args.seconds} s per scenario, ${args.rounds} round${
+        args.rounds === 1 ? "" : "s"
+      }) on a shared, busy machine, to check the harness.`,
+    );
     line("> Rerun `deno task bench:compare` alone on the machine for figures to quote.");
     line();
   }
@@ -869,7 +881,7 @@ function chart(rows: Row[], args: Args): string {
   let y = 30;
   parts.push(
     `<text x="10" y="18" font-weight="bold">Cycles/s (hand-offs/s on one key) as a multiple of the raw-client floor${
-      args.smoke || args.seconds < 5 ? " · SMOKE RUN, not measured figures" : ""
+      smoke(args) ? " · SMOKE RUN, not measured figures" : ""
     }</text>`,
   );
   for (const g of groups) {

@@ -225,6 +225,8 @@ interface Row {
   acquisitions: number;
   stale: number;
   lost: number;
+  /** lock() calls that failed (a timeout, an unreachable server): workers try again. */
+  failed: number;
   violations: number;
 }
 
@@ -304,7 +306,7 @@ function table(resource: Resource, faults: Fault[], violations: { at: number; wh
     if (!r) {
       rows.set(
         kind,
-        r = { runs: 0, actions: 0, acquisitions: 0, stale: 0, lost: 0, violations: 0 },
+        r = { runs: 0, actions: 0, acquisitions: 0, stale: 0, lost: 0, failed: 0, violations: 0 },
       );
     }
     return r;
@@ -321,19 +323,28 @@ function table(resource: Resource, faults: Fault[], violations: { at: number; wh
   };
   count(resource.events.filter((e) => e.kind === "acquired"), "acquisitions");
   count(resource.events.filter((e) => e.kind === "lost"), "lost");
+  count(resource.events.filter((e) => e.kind === "error"), "failed");
   for (const s of resource.sections.filter((s) => !s.accepted)) row(kindAt(s.exit)).stale++;
   for (const v of violations) row(kindAt(v.at)).violations++;
-  const total: Row = { runs: 0, actions: 0, acquisitions: 0, stale: 0, lost: 0, violations: 0 };
+  const total: Row = {
+    runs: 0,
+    actions: 0,
+    acquisitions: 0,
+    stale: 0,
+    lost: 0,
+    failed: 0,
+    violations: 0,
+  };
   for (const r of rows.values()) {
     for (const k of Object.keys(total) as (keyof Row)[]) total[k] += r[k];
   }
   const lines = [
-    `| fault (${backend}) | runs | faults injected | acquisitions | stale writes rejected | locks lost | violations |`,
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    `| fault (${backend}) | runs | faults injected | acquisitions | stale writes rejected | locks lost | lock() calls failed | violations |`,
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ];
   for (const [kind, r] of [...rows, ["total", total] as const]) {
     lines.push(
-      `| ${kind} | ${r.runs} | ${r.actions} | ${r.acquisitions} | ${r.stale} | ${r.lost} | ${r.violations} |`,
+      `| ${kind} | ${r.runs} | ${r.actions} | ${r.acquisitions} | ${r.stale} | ${r.lost} | ${r.failed} | ${r.violations} |`,
     );
   }
   return lines.join("\n");
