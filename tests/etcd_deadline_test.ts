@@ -117,6 +117,38 @@ describe("etcd restarted for a second", () => {
   });
 });
 
+describe("etcd: keepalives a member holds without answering, as through an election", () => {
+  let cluster: EtcdCluster;
+  before(async () => {
+    cluster = await EtcdCluster.start();
+  });
+  after(async () => {
+    await cluster.stop();
+  });
+
+  it("keeps a lock with a 3 s ttl when its member answers nothing for 2.7 s, sending each unanswered keepalive again at once", async () => {
+    const proxy = await TcpProxy.start(cluster.endpoints[0]);
+    const name = prefix("held-keepalive");
+    const locker = New({ endpoints: [proxy.endpoint], ttl: 3_000 });
+    const before = performance.now();
+    const held = await locker.lock(name); // the session is granted here: its deadline is 3 s on
+    // The member takes every request and answers none: each keepalive gives
+    // up after ttl / 6 = 500 ms. Sent again only at the clock's retry
+    // (500 ms later), the tries go out at 1, 2 and 3 s, and the one in
+    // flight when the answers resume (2.7 s) is none: the lock would be lost.
+    proxy.hold("replies");
+    await sleep(2_700 - (performance.now() - before));
+    proxy.release();
+    await sleep(1_000);
+    assert.equal(held.signal.aborted, false, `the lock was lost: ${held.signal.reason}`);
+    const other = New({ endpoints: cluster.endpoints, ttl: 3_000 });
+    assert.equal(await other.tryLock(name, { timeout: 2_000 }), undefined);
+    await held.release();
+    await Promise.all([locker.close(), other.close()]);
+    await proxy.close();
+  });
+});
+
 const ROOT = "root-pw-4e8a";
 
 // npm:etcd3 exchanges the password for a token through a gRPC client it makes

@@ -65,6 +65,26 @@ describe("redlock with one of three instances stopped (SIGSTOP)", () => {
     await locker.close();
   });
 
+  it("lock() does not wait out the validity time when one instance granted, one found it held and the stopped one is silent", async () => {
+    const locker = await connected(3_000);
+    const name = prefix("split");
+    // Held on the second instance only, for 400 ms, by someone else: the
+    // first attempt takes the first instance and finds the second held.
+    servers[1].cli(["SET", `lock:{${name}}`, "someone-else", "PX", "400"]);
+    await whileStopped(async () => {
+      const started = performance.now();
+      const lease = await locker.lock(name, { timeout: 5_000 });
+      const took = performance.now() - started;
+      // Waiting for the silent instance until the validity time (about 3 s)
+      // before giving back and trying again would take past 2.9 s.
+      assert.ok(took < 1_500, `lock() took ${took.toFixed(0)} ms`);
+      for (const server of servers.slice(0, 2)) {
+        assert.match(server.cli(["GET", `lock:{${name}}`]), TOKEN);
+      }
+      await lease.release();
+    });
+  });
+
   it("acquires a new lock on the majority that answers", async () => {
     const locker = await connected(10_000);
     const name = prefix("acquire");

@@ -3,7 +3,7 @@
 import { Cluster, type Redis } from "ioredis";
 import type { LockError } from "../../errors.ts";
 import { KeyQueue } from "../../_locker.ts";
-import { Alarms } from "../../_lease_clock.ts";
+import { type Alarm, Alarms } from "../../_lease_clock.ts";
 import { scrub } from "../../_scrub.ts";
 import type { Client } from "./_connection.ts";
 import { type Kind, kindOf, translate } from "./_errors.ts";
@@ -235,7 +235,9 @@ export class Instances {
    * `where`, only the instances it picks are called; the others answer
    * `failed(undefined)` at once. With `then`, each reply goes through it
    * before `read` (for a WAIT after the script, within the same deadline).
-   * With `call`, it replaces the script call (a batched renewal).
+   * With `call`, it replaces the script call (a batched renewal). With
+   * `straggle`, once a quorum has answered without `decided`, the others get
+   * that many ms more, not the whole bound.
    */
   each<T>(
     script: string,
@@ -250,9 +252,10 @@ export class Instances {
       where?: (i: number) => boolean;
       then?: (instance: Instance, reply: unknown) => Promise<unknown>;
       call?: (instance: Instance) => Promise<unknown>;
+      straggle?: number;
     },
   ): { calls: Promise<T>[]; answers: Promise<(T | undefined)[]> } {
-    const { read, failed, bound, decided, signal, where, then, call } = options;
+    const { read, failed, bound, decided, signal, where, then, call, straggle } = options;
     const calls = this.list.map((instance, i) => {
       if (where !== undefined && !where(i)) return Promise.resolve(failed(undefined));
       const sent = call === undefined ? this.run(instance, script, keys, args) : call(instance);
@@ -264,10 +267,12 @@ export class Instances {
       const soFar: (T | undefined)[] = calls.map(() => undefined);
       let pending = calls.length;
       let done = false;
+      let late: Alarm | undefined;
       const finish = (settle: () => void) => {
         if (done) return;
         done = true;
         this.alarms.cancel(alarm);
+        this.alarms.cancel(late);
         signal?.removeEventListener("abort", onAbort);
         settle();
       };
@@ -283,7 +288,16 @@ export class Instances {
           if (done) return;
           soFar[i] = answer;
           pending -= 1;
-          if (pending === 0 || decided(soFar)) finish(() => resolve([...soFar]));
+          if (pending === 0 || decided(soFar)) return finish(() => resolve([...soFar]));
+          // A quorum answered without a decision: the rest get `straggle` ms more.
+          if (
+            straggle !== undefined && late === undefined && calls.length - pending >= this.quorum
+          ) {
+            late = this.alarms.add(
+              performance.now() + straggle,
+              () => finish(() => resolve([...soFar])),
+            );
+          }
         })
       );
     });
