@@ -56,11 +56,6 @@ export class Alarms {
     alarm.index = -1;
   }
 
-  /** How many alarms are set. */
-  get size(): number {
-    return this.#alarms.length;
-  }
-
   /** Forgets every alarm and clears the timer. */
   stop(): void {
     for (const alarm of this.#alarms) alarm.index = -1;
@@ -187,24 +182,28 @@ export class LeaseClock {
     await this.#renew(false);
   }
 
+  /** When the next renewal may go, in a pass with others: half a period before it is due. */
+  get #renewFrom(): number {
+    return this.#renewAt - this.#options.period / 2;
+  }
+
   #schedule() {
     this.#alarms.cancel(this.#alarm);
     this.#alarm = undefined;
     if (this.#ended) return;
     const renewal = !this.#renewing && this.#renewAt < this.#deadline;
-    const at = renewal ? this.#renewAt : this.#deadline;
     // A renewal may go up to half a period early, in the same pass as the
     // backend's other leases; the loss check runs when it is due.
-    const early = renewal ? at - this.#options.period / 2 : at;
-    this.#alarm = this.#alarms.add(at, this.#onAlarm, early);
+    this.#alarm = renewal
+      ? this.#alarms.add(this.#renewAt, this.#onAlarm, this.#renewFrom)
+      : this.#alarms.add(this.#deadline, this.#onAlarm);
   }
 
   #tick() {
     this.#alarm = undefined;
     // A process that was paused runs this late: decide loss before sending anything.
     if (this.check()) return;
-    const early = this.#renewAt - this.#options.period / 2;
-    if (!this.#renewing && performance.now() >= early) void this.#renew(true);
+    if (!this.#renewing && performance.now() >= this.#renewFrom) void this.#renew(true);
     this.#schedule();
   }
 

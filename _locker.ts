@@ -597,9 +597,8 @@ export class DriverLocker implements Locker {
   /** The in-process FIFO, with the held lease kept at its key. */
   readonly #queue = new KeyQueue<HeldLease>();
   readonly #closing = new AbortController();
-  readonly #pending = new Set<Promise<unknown>>();
-  /** lock() and tryLock() calls in flight, which close() waits for. */
-  #acquiring = 0;
+  /** Calls in flight (lock, tryLock, status), which close() waits for. */
+  #inFlight = 0;
   #drained?: () => void;
   #closed?: Promise<void>;
 
@@ -633,11 +632,13 @@ export class DriverLocker implements Locker {
   }
 
   /** Counts a call as in flight, so close() can wait for it to clean up. */
-  #track<T>(call: Promise<T>): Promise<T> {
-    const settled = call.catch(() => {});
-    this.#pending.add(settled);
-    settled.then(() => this.#pending.delete(settled));
-    return call;
+  #begin(): void {
+    this.#inFlight += 1;
+  }
+
+  #finish(): void {
+    this.#inFlight -= 1;
+    if (this.#inFlight === 0) this.#drained?.();
   }
 
   async #acquire(
@@ -649,7 +650,7 @@ export class DriverLocker implements Locker {
     const closing = this.#closing.signal;
     const call = CallSignal.of(key, options, closing);
     const signal = call?.signal ?? closing;
-    this.#acquiring += 1;
+    this.#begin();
     try {
       return await this.#acquireWith(key, signal, wait);
     } catch (error) {
@@ -660,8 +661,7 @@ export class DriverLocker implements Locker {
       throw error;
     } finally {
       call?.dispose();
-      this.#acquiring -= 1;
-      if (this.#acquiring === 0) this.#drained?.();
+      this.#finish();
     }
   }
 
@@ -715,7 +715,12 @@ export class DriverLocker implements Locker {
     if (this.#closed !== undefined) {
       throw new LockClosedError(`Cannot read the status of lock ${JSON.stringify(key)}`);
     }
-    return await this.#track((async () => (await this.#getDriver()).status(key))());
+    this.#begin();
+    try {
+      return await (this.#ready ?? await this.#getDriver()).status(key);
+    } finally {
+      this.#finish();
+    }
   }
 
   async withLock<T>(
@@ -746,8 +751,7 @@ export class DriverLocker implements Locker {
     return this.#closed ??= (async () => {
       this.#closing.abort();
       // Aborted calls clean up on the server first (etcd deletes its waiter key).
-      if (this.#acquiring > 0) await new Promise<void>((resolve) => this.#drained = resolve);
-      await Promise.all(this.#pending);
+      if (this.#inFlight > 0) await new Promise<void>((resolve) => this.#drained = resolve);
       const driver = await this.#driver?.catch(() => undefined);
       let given!: (failures: unknown[]) => void;
       const giving = new Promise<unknown[]>((resolve) => given = resolve);

@@ -493,9 +493,9 @@ class Session {
   readonly #calls: Calls;
   readonly #controller = new AbortController();
   /**
-   * The held locks' loss callbacks: a set, not a listener each on `signal`,
-   * whose removal scans every listener (10,000 held locks made close()
-   * quadratic) and costs more memory.
+   * Who hears of the lease's loss (held locks, waiters, the driver): a set,
+   * not a listener each on `signal`, whose removal scans every listener
+   * (10,000 held locks made close() quadratic) and costs more memory.
    */
   readonly #holders = new Set<() => void>();
   readonly #clock: LeaseClock;
@@ -990,10 +990,9 @@ class Acquisition {
         ),
       );
     const onAbort = () => stop.abort(signal.reason);
-    this.#session.signal.addEventListener("abort", onLost, { once: true });
     signal.addEventListener("abort", onAbort, { once: true });
     if (signal.aborted) onAbort();
-    if (this.#session.signal.aborted) onLost();
+    const forget = this.#session.whenLost(onLost);
     let watch: Watch | undefined;
     // Whether the current watch is in place (etcd confirmed it): the poll
     // then only covers a stream that went silent, and backs off.
@@ -1042,7 +1041,7 @@ class Acquisition {
       await abortable(Promise.race([gone, polled]), stop.signal);
     } finally {
       stop.abort();
-      this.#session.signal.removeEventListener("abort", onLost);
+      forget();
       signal.removeEventListener("abort", onAbort);
       watch?.cancel();
     }
@@ -1197,9 +1196,7 @@ class EtcdDriver implements Driver {
         throw new LockClosedError("Cannot grant an etcd lease");
       }
       this.#sessions.add(session);
-      session.signal.addEventListener("abort", () => this.#sessions.delete(session), {
-        once: true,
-      });
+      session.whenLost(() => this.#sessions.delete(session));
       return session;
     })();
     const settled = granting.catch(() => {});

@@ -524,6 +524,15 @@ export class RedisServer implements AsyncDisposable {
     }).trim();
   }
 
+  /** Calls of each command since start or the last CONFIG RESETSTAT, from INFO commandstats. */
+  commandCalls(): Record<string, number> {
+    const calls: Record<string, number> = {};
+    for (const match of this.cli(["INFO", "commandstats"]).matchAll(/cmdstat_(\w+):calls=(\d+)/g)) {
+      calls[match[1]] = Number(match[2]);
+    }
+    return calls;
+  }
+
   /** Stops the server and removes its folder. */
   async stop(): Promise<void> {
     await this.shutdown();

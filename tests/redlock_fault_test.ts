@@ -226,15 +226,6 @@ describe("redlock with one of three instances silently partitioned", () => {
   });
 });
 
-/** Calls of each command since the last CONFIG RESETSTAT, from INFO commandstats. */
-function commandCalls(server: RedisServer): Record<string, number> {
-  const calls: Record<string, number> = {};
-  for (const match of server.cli(["INFO", "commandstats"]).matchAll(/cmdstat_(\w+):calls=(\d+)/g)) {
-    calls[match[1]] = Number(match[2]);
-  }
-  return calls;
-}
-
 describe("redlock with the holder's key missing on one instance", () => {
   let servers: RedisServer[];
   before(async () => {
@@ -260,7 +251,7 @@ describe("redlock with the holder's key missing on one instance", () => {
       await sleep(300); // subscribed and waiting
       servers[0].cli(["CONFIG", "RESETSTAT"]);
       await sleep(1_000);
-      const calls = commandCalls(servers[0]);
+      const calls = servers[0].commandCalls();
       const scripts = (calls.evalsha ?? 0) + (calls.eval ?? 0);
       // Polling at retryInterval (100 ms): about ten attempts and ten give-backs.
       assert.ok(scripts < 100, `${scripts} script calls in one second`);

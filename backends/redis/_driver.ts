@@ -212,11 +212,10 @@ export class RedisDriver implements Driver {
       },
       read: (reply) => {
         const [ok, value, acked, waited] = reply as [number, number, number?, number?];
-        if (ok !== 1) return { kind: "held", pttl: value };
-        if (acked !== undefined && acked < waitReplicas) {
+        if (ok === 1 && acked !== undefined && acked < waitReplicas) {
           return { kind: "unreplicated", fence: value, acked, waited: waited! };
         }
-        return { kind: "acquired", fence: value };
+        return readAcquire(reply);
       },
       failed: failedAnswer,
       bound,
@@ -261,6 +260,7 @@ export class RedisDriver implements Driver {
     const sentAt = performance.now();
     // Past the validity time no answer can make a grant: each call's deadline.
     const bound = ttl - drift(ttl);
+    const valid = () => ttl - (performance.now() - sentAt) - drift(ttl) > 0;
     let calls: Promise<Answer>[] = [];
     let answered: (Answer | undefined)[];
     try {
@@ -272,9 +272,7 @@ export class RedisDriver implements Driver {
         calls = [call];
         const answer = await instances.within(call, bound, signal);
         if (answer !== SILENT && answer.kind === "acquired") {
-          if (ttl - (performance.now() - sentAt) - drift(ttl) > 0) {
-            return { grant: this.#hold(keys, token, BigInt(answer.fence), sentAt), pttl: 0 };
-          }
+          if (valid()) return { grant: this.#hold(keys, token, answer.fence, sentAt), pttl: 0 };
         } else if (answer !== SILENT && answer.kind === "held") {
           return { pttl: answer.pttl > 0 ? answer.pttl : retryInterval };
         }
@@ -294,8 +292,7 @@ export class RedisDriver implements Driver {
     const action = `Cannot acquire lock ${JSON.stringify(keys.name)}`;
     const results = answered.map((a): Answer => a ?? { kind: "failed", error: new Silence(bound) });
     const acquired = results.filter((a) => a.kind === "acquired");
-    const validity = ttl - (performance.now() - sentAt) - drift(ttl);
-    if (acquired.length >= quorum && validity > 0) {
+    if (acquired.length >= quorum && valid()) {
       let fence = Math.max(...acquired.map((a) => a.fence));
       if (list.length > 1) {
         try {
@@ -306,7 +303,7 @@ export class RedisDriver implements Driver {
           throw error;
         }
       }
-      const held = this.#hold(keys, token, BigInt(fence), sentAt);
+      const held = this.#hold(keys, token, fence, sentAt);
       // A late SET that took the key joined this lease: renewals extend it and
       // the release, sent after it on the same connection, deletes it. Once
       // the lease has ended, nothing will: give it back.
@@ -473,13 +470,8 @@ export class RedisDriver implements Driver {
   }
 
   /** The held lock: see {@linkcode HeldLock}. */
-  #hold(
-    keys: ReturnType<typeof keysOf>,
-    token: string,
-    fence: bigint,
-    sentAt: number,
-  ): HeldLock {
-    return new HeldLock(this.#instances, this.#settings, keys, token, fence, sentAt);
+  #hold(keys: ReturnType<typeof keysOf>, token: string, fence: number, sentAt: number): HeldLock {
+    return new HeldLock(this.#instances, this.#settings, keys, token, BigInt(fence), sentAt);
   }
 
   status(name: string): Promise<LockStatus> {
@@ -600,34 +592,21 @@ class HeldLock implements Grant {
     const instances = this.#instances;
     const { list, quorum } = instances;
     const keys = this.#keys;
-    const name = keys.name;
-    const token = this.#secret;
     // Past the lease's deadline (and the drift allowed) the key has expired anyway.
     const bound = clock.deadline - performance.now() + drift(this.#settings.ttl);
+    const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
+    const args = [this.#secret, keys.channel, sharded];
     if (list.length === 1) {
       // One Redis: its answer decides, without the quorum's arrays.
       const only = list[0];
-      const sharded = only.subscriptions.sharded ? "s" : "";
       let reply: unknown;
       try {
-        const call = instances.run(only, RELEASE, [keys.lock], [token, keys.channel, sharded]);
-        reply = await instances.within(call, bound);
+        reply = await instances.within(instances.run(only, RELEASE, [keys.lock], args), bound);
       } catch (error) {
-        throw instances.error(
-          error,
-          `Cannot release lock ${JSON.stringify(name)}`,
-          only.name,
-          token,
-        );
+        throw this.#releaseError(error, only.name);
       }
-      if (reply === SILENT) {
-        throw new Silence(bound).fail(`Cannot release lock ${JSON.stringify(name)}`, only.name);
-      }
-      // The key was deleted, evicted or overwritten while this holder
-      // believed it held the lock: the work did not run under it.
-      if (reply !== 1) {
-        this.loss.lose(new LockLostError(name, "it was taken away before the release"));
-      }
+      if (reply === SILENT) throw this.#releaseError(new Silence(bound), only.name);
+      if (reply !== 1) this.#takenAway();
       return;
     }
     type Reply = "deleted" | "not ours" | { error: unknown };
@@ -635,8 +614,6 @@ class HeldLock implements Grant {
       replies.filter((r) => r !== undefined && which(r)).length;
     const notOurs = (r: Reply) => r === "not ours";
     const failed = (r: Reply) => typeof r === "object";
-    const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
-    const args = [token, keys.channel, sharded];
     const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
       read: (reply) => reply === 1 ? "deleted" : "not ours",
       failed: (error) => ({ error }),
@@ -647,20 +624,27 @@ class HeldLock implements Grant {
         list.length - count(so, failed) < quorum,
     });
     const replies = (await answers).map((r): Reply => r ?? { error: new Silence(bound) });
-    if (list.length - count(replies, notOurs) < quorum) {
-      // The key was deleted, evicted or overwritten while this holder
-      // believed it held the lock: the work did not run under it.
-      this.loss.lose(new LockLostError(name, "it was taken away before the release"));
-      return;
-    }
+    if (list.length - count(replies, notOurs) < quorum) return this.#takenAway();
     if (list.length - count(replies, failed) < quorum) {
       const i = replies.findIndex(failed);
-      const { error } = replies[i] as { error: unknown };
-      const action = `Cannot release lock ${JSON.stringify(name)}`;
-      throw error instanceof Silence
-        ? error.fail(action, list[i].name)
-        : instances.error(error, action, list[i].name, token);
+      throw this.#releaseError((replies[i] as { error: unknown }).error, list[i].name);
     }
+  }
+
+  /**
+   * The key was deleted, evicted or overwritten while this holder believed
+   * it held the lock: the work did not run under it.
+   */
+  #takenAway(): void {
+    this.loss.lose(new LockLostError(this.#keys.name, "it was taken away before the release"));
+  }
+
+  /** A release that `where` did not answer (`Silence`) or refused, as the caller's error. */
+  #releaseError(error: unknown, where: string): LockError {
+    const action = `Cannot release lock ${JSON.stringify(this.#keys.name)}`;
+    return error instanceof Silence
+      ? error.fail(action, where)
+      : this.#instances.error(error, action, where, this.#secret);
   }
 }
 
