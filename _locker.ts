@@ -666,9 +666,12 @@ export class DriverLocker implements Locker {
   }
 
   async #acquireWith(key: string, signal: AbortSignal, wait: boolean): Promise<Lease | undefined> {
-    if (wait) await this.#queue.enter(key, signal);
-    else if (signal.aborted) throw signal.reason;
-    else if (!this.#queue.tryEnter(key)) return undefined;
+    // The key's first caller in this locker enters without an await.
+    if (signal.aborted) throw signal.reason;
+    if (!this.#queue.tryEnter(key)) {
+      if (!wait) return undefined;
+      await this.#queue.enter(key, signal);
+    }
     let grant: Grant | undefined;
     try {
       const driver = this.#ready ?? await abortable(this.#getDriver(), signal);

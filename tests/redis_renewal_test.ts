@@ -6,6 +6,7 @@ import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { Redis } from "ioredis";
 import { type Lease, LockLostError, New } from "../mod.ts";
+import { createRedisLocker } from "../backends/redis.ts";
 import { RedisServer } from "./_servers.ts";
 import { prefix, sleep, until } from "./_util.ts";
 
@@ -115,5 +116,49 @@ describe("redlock renewals, batched per instance", () => {
     for (const lease of leases) assert.equal(lease.signal.aborted, false, lease.key);
     await Promise.all(leases.map((l) => l.release()));
     await locker.close();
+  });
+});
+
+describe("redis writes, coalesced per tick", () => {
+  let server: RedisServer;
+  before(async () => {
+    server = await RedisServer.start();
+  });
+  after(async () => {
+    await server.stop();
+  });
+
+  it("sends the acquisitions and releases that 64 workers start in one tick in one socket write each", async () => {
+    const client = new Redis({ host: "127.0.0.1", port: server.port });
+    const locker = createRedisLocker(client);
+    try {
+      const name = prefix("tick");
+      // Loads the scripts, so no NOSCRIPT retry counts below.
+      await (await locker.lock(`${name}/warm`)).release();
+      // What reaches the socket's handle: one _write or _writev per flush.
+      const stream = (client as unknown as { stream: Record<string, (...a: unknown[]) => unknown> })
+        .stream;
+      let flushes = 0;
+      for (const method of ["_write", "_writev"]) {
+        const original = stream[method];
+        stream[method] = function (this: unknown, ...args: unknown[]) {
+          flushes++;
+          return original.apply(this, args);
+        };
+      }
+      const leases = await Promise.all(
+        Array.from({ length: 64 }, (_, i) => locker.lock(`${name}/${i}`)),
+      );
+      const acquiring = flushes;
+      flushes = 0;
+      await Promise.all(leases.map((lease) => lease.release()));
+      assert.equal(leases.length, 64);
+      assert.ok(acquiring <= 2, `64 acquisitions took ${acquiring} socket writes`);
+      assert.ok(flushes <= 2, `64 releases took ${flushes} socket writes`);
+      assert.equal(await client.dbsize(), 64 + 1, "each lock's fencing counter, and no lock key");
+    } finally {
+      await locker.close();
+      client.disconnect();
+    }
   });
 });

@@ -35,10 +35,10 @@ function waitWithin(deadline: number): number {
   return (deadline - performance.now()) * 0.75;
 }
 
-/** An acquisition's reply, as an answer: `[1, fence]` granted, `[0, pttl]` held. */
+/** An acquisition's reply (see ACQUIRE), as an answer. */
 function readAcquire(reply: unknown): Answer {
-  const [ok, value] = reply as [number, number];
-  return ok === 1 ? { kind: "acquired", fence: value } : { kind: "held", pttl: value };
+  const value = reply as number;
+  return value > 0 ? { kind: "acquired", fence: value } : { kind: "held", pttl: -2 - value };
 }
 
 function failedAnswer(error: unknown): Answer {
@@ -203,20 +203,16 @@ export class RedisDriver implements Driver {
       // A grant counts once `waitReplicas` replicas have it, or a failover
       // could hand the lock out again with a fencing token gone back.
       then: async (instance, reply) => {
-        const [ok, value] = reply as [number, number];
-        if (ok !== 1 || waitReplicas === 0) return reply;
+        if ((reply as number) <= 0 || waitReplicas === 0) return reply;
         const waited = waitWithin(sentAt + bound);
         const acked = await instances.replicated(instance, keys.lock, waitReplicas, waited)
           .catch(() => 0);
-        return [ok, value, acked, waited];
+        return acked < waitReplicas ? { fence: reply as number, acked, waited } : reply;
       },
-      read: (reply) => {
-        const [ok, value, acked, waited] = reply as [number, number, number?, number?];
-        if (ok === 1 && acked !== undefined && acked < waitReplicas) {
-          return { kind: "unreplicated", fence: value, acked, waited: waited! };
-        }
-        return readAcquire(reply);
-      },
+      read: (reply) =>
+        typeof reply === "object"
+          ? { kind: "unreplicated", ...(reply as { fence: number; acked: number; waited: number }) }
+          : readAcquire(reply),
       failed: failedAnswer,
       bound,
       // A grant, or a lock held elsewhere, needs no more answers. An

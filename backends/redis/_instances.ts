@@ -6,6 +6,7 @@ import { KeyQueue } from "../../_locker.ts";
 import { type Alarm, Alarms } from "../../_lease_clock.ts";
 import { scrub } from "../../_scrub.ts";
 import type { Client } from "./_connection.ts";
+import { Corker } from "./_cork.ts";
 import { type Kind, kindOf, translate } from "./_errors.ts";
 import { RENEW_BATCH, RENEW_MANY, sha1, shas, slotOf } from "./_scripts.ts";
 import type { Subscriptions } from "./_subscriptions.ts";
@@ -40,6 +41,8 @@ export class Instances {
    * that fall due together go out in one pass, and a call costs no timer.
    */
   readonly alarms = new Alarms();
+  /** The calls of one tick to one instance leave in one write. */
+  readonly #corker = new Corker();
   readonly #secrets: string[];
   /** Renewals asked for in this pass, by instance, sent together at its end. */
   #renewals = new Map<Instance, PendingRenewal[]>();
@@ -111,6 +114,7 @@ export class Instances {
     if (sha === undefined) return sha1(script).then(() => this.run(instance, script, keys, args));
     // ioredis flattens array arguments (its typings do not say so): no
     // spread copies on the hot path.
+    this.#corker.cork(instance.client);
     const client = instance.client as unknown as Evaluator;
     return client.evalsha(sha, keys.length, keys, args).catch((error: unknown) => {
       if (!String((error as Error)?.message).startsWith("NOSCRIPT")) throw error;

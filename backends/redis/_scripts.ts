@@ -2,12 +2,15 @@
 
 import { toHex } from "../../_hex.ts";
 
-// KEYS: lock, fence. ARGV: token, ttl ms. Acquires and counts, or reports the wait.
+// KEYS: lock, fence. ARGV: token, ttl ms. Acquires and counts, or reports
+// the wait. One integer, not a table, so neither side builds an array: the
+// fencing token (1 or more) if acquired, else -2 - PTTL (-1 or less; PTTL is
+// -1 for a key without expiry).
 export const ACQUIRE = `
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('INCR', KEYS[2])}
+  return redis.call('INCR', KEYS[2])
 end
-return {0, redis.call('PTTL', KEYS[1])}`;
+return -2 - redis.call('PTTL', KEYS[1])`;
 
 // KEYS: lock. ARGV: token, channel, "s" for sharded pub/sub. Fenced delete,
 // then wake the waiters. Without a channel (a partial acquisition given
