@@ -191,6 +191,8 @@ export class Loss {
   #lost = false;
   #reason: unknown;
   #listeners?: ((reason: unknown) => void)[];
+  /** The lease handed out for it: told first, without a closure per lease. */
+  #lease?: HeldLease;
 
   /** Whether the grant was lost. */
   get lost(): boolean {
@@ -207,9 +209,18 @@ export class Loss {
     if (this.#lost) return;
     this.#lost = true;
     this.#reason = reason;
+    const lease = this.#lease;
+    this.#lease = undefined;
+    if (lease) HeldLease.lost(lease, reason);
     const listeners = this.#listeners;
     this.#listeners = undefined;
     if (listeners) { for (const listener of listeners) listener(reason); }
+  }
+
+  /** Tells `lease` when it is lost; at once if it already was. */
+  hold(lease: HeldLease): void {
+    if (this.#lost) return HeldLease.lost(lease, this.#reason);
+    this.#lease = lease;
   }
 
   /** Calls `listener` when it is lost; at once if it already was. */
@@ -493,17 +504,23 @@ class HeldLease implements Lease {
   #aborted = false;
   #reason: unknown;
   #ended = false;
-  readonly #onEnd: (lease: HeldLease) => void;
+  /** The locker's queue, which this lease leaves when it ends (no closure: see `Loss.hold`). */
+  readonly #queue: KeyQueue<HeldLease>;
   #released?: Promise<void>;
 
-  constructor(key: string, grant: Grant, onEnd: (lease: HeldLease) => void) {
+  constructor(key: string, grant: Grant, queue: KeyQueue<HeldLease>) {
     this.key = key;
     this.token = grant.token;
     this.#grant = grant;
-    this.#onEnd = onEnd;
+    this.#queue = queue;
     // A lost lease stops counting as held at once, so unlock() and the next
     // in-process waiter do not wait for the holder to notice.
-    grant.loss.listen((reason) => this.#lose(reason));
+    grant.loss.hold(this);
+  }
+
+  /** The grant was lost (called by its `Loss`). */
+  static lost(lease: HeldLease, reason: unknown): void {
+    lease.#lose(reason);
   }
 
   get signal(): AbortSignal {
@@ -536,7 +553,7 @@ class HeldLease implements Lease {
   #end() {
     if (this.#ended) return;
     this.#ended = true;
-    this.#onEnd(this);
+    this.#queue.leave(this.key);
   }
 
   release(): Promise<void> {
@@ -693,7 +710,7 @@ export class DriverLocker implements Locker {
       this.#queue.leave(key);
       return undefined;
     }
-    const lease = new HeldLease(key, grant, () => this.#queue.leave(key));
+    const lease = new HeldLease(key, grant, this.#queue);
     this.#queue.keep(key, lease);
     if (this.#closed !== undefined) {
       // close() ran while the server granted it: give it straight back.

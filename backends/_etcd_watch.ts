@@ -37,6 +37,10 @@ export interface WatchHandlers {
    * no more events come. A broken stream is not reported: the watch resumes.
    */
   onError(error: Error): void;
+  /**
+   * etcd refused to create it. Without this handler, only `created` says so.
+   */
+  onRefused?(error: Error): void;
 }
 
 /** A watch: created on the server soon, resumed after every stream break. */
@@ -58,19 +62,64 @@ export class WatchCanceledError extends Error {
   }
 }
 
-/** One watch, for as long as its owner wants it, across streams. */
-interface Entry {
+/**
+ * One watch, for as long as its owner wants it, across streams. A class,
+ * and `created` made only when asked for: a held lock keeps one for as long
+ * as it is held, and 10,000 of them are what its memory costs.
+ */
+class Entry implements Watch {
   readonly key: Buffer;
   readonly handlers: WatchHandlers;
+  readonly #hub: WatchHub;
   /** Where a (re)creation starts: undefined until first created if asked "from now". */
   next?: string;
   /** Its ID on the current stream, once that stream created it. */
   id?: string;
-  cancelled: boolean;
+  cancelled = false;
   /** Whether etcd created it once (its owner was told, through `created`). */
-  made: boolean;
-  resolve(revision: string): void;
-  reject(error: Error): void;
+  made = false;
+  /** How the first creation went, once known: the revision, or why not. */
+  #outcome?: { revision: string } | { error: Error };
+  #created?: Promise<string>;
+  #settle?: { resolve(revision: string): void; reject(error: Error): void };
+
+  constructor(hub: WatchHub, key: Buffer, next: string | undefined, handlers: WatchHandlers) {
+    this.#hub = hub;
+    this.key = key;
+    this.next = next;
+    this.handlers = handlers;
+  }
+
+  get created(): Promise<string> {
+    if (this.#created === undefined) {
+      const outcome = this.#outcome;
+      this.#created = outcome === undefined
+        ? new Promise((resolve, reject) => this.#settle = { resolve, reject })
+        : "error" in outcome
+        ? Promise.reject(outcome.error)
+        : Promise.resolve(outcome.revision);
+      this.#created.catch(() => {}); // an owner that gave up need not listen
+    }
+    return this.#created;
+  }
+
+  resolve(revision: string) {
+    if (this.#outcome !== undefined) return;
+    this.#outcome = { revision };
+    this.#settle?.resolve(revision);
+    this.#settle = undefined;
+  }
+
+  reject(error: Error) {
+    if (this.#outcome !== undefined) return;
+    this.#outcome = { error };
+    this.#settle?.reject(error);
+    this.#settle = undefined;
+  }
+
+  cancel(): void {
+    this.#hub.cancel(this);
+  }
 }
 
 /** What one stream knows: its creates awaiting an answer, and its watches by ID. */
@@ -108,30 +157,16 @@ export class WatchHub {
    * cancelled. The watch survives stream breaks; see {@linkcode Watch.created}.
    */
   watch(key: Buffer, startRevision: string | undefined, handlers: WatchHandlers): Watch {
-    let resolve!: (revision: string) => void;
-    let reject!: (error: Error) => void;
-    const created = new Promise<string>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    created.catch(() => {}); // an owner that gave up need not listen
-    const entry: Entry = {
-      key,
-      handlers,
-      next: startRevision,
-      cancelled: false,
-      made: false,
-      resolve,
-      reject,
-    };
+    const entry = new Entry(this, key, startRevision, handlers);
     if (this.#closed) {
-      reject(new Error("the watch stream is closed"));
-      return { created, cancel: () => {} };
+      entry.cancelled = true;
+      entry.reject(new Error("the watch stream is closed"));
+      return entry;
     }
     this.#watches.add(entry);
     if (this.#line) this.#create(this.#line, entry);
     else this.#connect();
-    return { created, cancel: () => this.#cancel(entry) };
+    return entry;
   }
 
   #create(line: Line, entry: Entry) {
@@ -143,7 +178,8 @@ export class WatchHub {
     });
   }
 
-  #cancel(entry: Entry) {
+  /** Stops `entry` (its own `cancel()`). */
+  cancel(entry: Entry): void {
     if (entry.cancelled) return;
     entry.cancelled = true;
     this.#watches.delete(entry);
@@ -201,10 +237,12 @@ export class WatchHub {
         this.#watches.delete(entry);
         entry.cancelled = true;
         const error = new WatchCanceledError(response.cancel_reason);
-        // Refused at once: the owner learns it from `created`; refused on a
-        // resume (its history compacted meanwhile): from onError.
-        if (entry.made) entry.handlers.onError(error);
-        else entry.reject(error);
+        // Refused at once: the owner learns it from `created` (and
+        // onRefused); refused on a resume (its history compacted
+        // meanwhile): from onError.
+        if (entry.made) return entry.handlers.onError(error);
+        entry.reject(error);
+        entry.handlers.onRefused?.(error);
         return;
       }
       const id = response.watch_id;

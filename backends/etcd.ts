@@ -50,6 +50,7 @@ import {
   GRPCResourceExhastedError,
   GRPCUnauthenticatedError,
   GRPCUnavailableError,
+  type IEvent,
   type IKeyValue,
   type IOptions,
   type IRangeRequest,
@@ -84,7 +85,7 @@ import {
 } from "../_options.ts";
 import { type Alarm, Alarms, LeaseClock, type Renewal } from "../_lease_clock.ts";
 import { scrub } from "../_scrub.ts";
-import { endStream, type Watch, WatchCanceledError, WatchHub } from "./_etcd_watch.ts";
+import { endStream, type Watch, type WatchHandlers, WatchHub } from "./_etcd_watch.ts";
 export type { Lease, Locker, LockOptions } from "../_locker.ts";
 export type { Options } from "../_options.ts";
 
@@ -484,6 +485,11 @@ interface Orphan {
  * can give the lock to anyone else. npm:etcd3's own `lost` event comes only
  * after twice the TTL on the wall clock, so it is not used.
  */
+/** A held lock on a session: told once its lease is gone. */
+interface SessionHolder {
+  sessionLost(): void;
+}
+
 class Session {
   readonly id: string;
   /** The lease ID as Go's Mutex writes it into the key: lowercase hex. */
@@ -497,7 +503,7 @@ class Session {
    * not a listener each on `signal`, whose removal scans every listener
    * (10,000 held locks made close() quadratic) and costs more memory.
    */
-  readonly #holders = new Set<() => void>();
+  readonly #holders = new Set<(() => void) | SessionHolder>();
   readonly #clock: LeaseClock;
   #renewing = true;
   #revoked?: Promise<void>;
@@ -549,7 +555,10 @@ class Session {
     this.#controller.abort(detail);
     const holders = [...this.#holders];
     this.#holders.clear();
-    for (const holder of holders) holder();
+    for (const holder of holders) {
+      if (typeof holder === "function") holder();
+      else holder.sessionLost();
+    }
   }
 
   /** Calls `lost` once the lease is gone (at once if it is); the result stops that. */
@@ -560,6 +569,16 @@ class Session {
     }
     this.#holders.add(lost);
     return () => this.#holders.delete(lost);
+  }
+
+  /** Tells `holder` once the lease is gone (at once if it is), until `forget(holder)`. */
+  hold(holder: SessionHolder): void {
+    if (this.#controller.signal.aborted) return holder.sessionLost();
+    this.#holders.add(holder);
+  }
+
+  forget(holder: SessionHolder): void {
+    this.#holders.delete(holder);
   }
 
   /** Aborts when the lease is gone; its reason is why, as a phrase. */
@@ -611,6 +630,11 @@ class Session {
       done = true;
       this.#busy.delete(key);
     };
+  }
+
+  /** A held lock is done with `key` (see `use`). */
+  unuse(key: string): void {
+    this.#busy.delete(key);
   }
 
   /**
@@ -1052,111 +1076,174 @@ class Acquisition {
     const now = response.kvs[0];
     return now !== undefined && now.create_revision === kv.create_revision;
   }
+}
 
-  /**
-   * The held lock: its signal aborts when the session is lost or the key is
-   * deleted behind our back (watched from the revision we read it at).
-   */
-  hold(revision: string, header: IResponseHeader, release: () => Promise<void>): Grant {
-    // The closures below keep these, not the acquisition (its buffers and
-    // ranges): a held lock's memory is what 10,000 of them cost.
-    const name = this.#name;
-    const hub = this.#hub;
-    const session = this.#session;
-    const calls = this.#calls;
-    const alarms = this.#alarms;
-    const retryInterval = this.#retryInterval;
-    // The revision to watch from, not the whole response header.
-    const from = String(BigInt(header.revision) + 1n);
-    const loss = new Loss();
-    const key = Buffer.from(this.#key);
-    let ended = false;
-    let watch: Watch | undefined;
-    let retry: ReturnType<typeof setTimeout> | undefined;
-    let start: Alarm | undefined;
-    let forget = () => {};
-    const end = () => {
-      ended = true;
-      alarms.cancel(start);
-      forget();
-      clearTimeout(retry);
-      watch?.cancel();
-      watch = undefined;
-    };
-    const lose = (reason: LockLostError) => {
-      if (ended) return;
-      end();
-      loss.lose(reason);
-    };
-    forget = session.whenLost(() => lose(new LockLostError(name, String(session.signal.reason))));
-    // From the revision after the one we last saw our key at, so nothing in
-    // between is missed. The hub resumes it after a stream break; if etcd
-    // cancels it or refuses it, read the key and start again.
-    const watchFrom = (from: string) => {
-      const w = hub.watch(key, from, {
-        onEvents: (events) => {
-          for (const event of events) {
-            if (event.type === "Delete") {
-              lose(new LockLostError(name, "its key was deleted"));
-              // Perhaps with its whole lease (revoked): the other keys on it
-              // learn of it now rather than at the next keepalive.
-              session.verify();
-            } else if (event.kv.create_revision !== revision) {
-              lose(new LockLostError(name, "its key was replaced"));
-            }
-          }
-        },
-        onError: () => resync(),
-      });
-      watch = w;
-      w.created.catch((error) => {
-        // Refused by etcd; a hub closed under a held lock has nothing to redo.
-        if (watch === w && error instanceof WatchCanceledError) resync();
-      });
-    };
-    const resync = () => {
-      watch = undefined;
-      if (ended) return;
-      retry = setTimeout(async () => {
-        try {
-          const response = await calls.range({ key });
-          const now = response.kvs[0];
-          if (now === undefined) return lose(new LockLostError(name, "its key was deleted"));
-          if (now.create_revision !== revision) {
-            return lose(new LockLostError(name, "its key was replaced"));
-          }
-          if (!ended) watchFrom(String(BigInt(response.header.revision) + 1n));
-        } catch {
-          resync();
-        }
-      }, retryInterval);
-    };
+/** What a held lock keeps of its driver. */
+interface HoldContext {
+  calls: Calls;
+  hub: WatchHub;
+  alarms: Alarms;
+  retryInterval: number;
+  /** Whether the session is the locker's shared one (else the lock's own, closed on release). */
+  shared: boolean;
+}
+
+/**
+ * A held etcd lock: its signal aborts when the session is lost or the key is
+ * deleted behind our back (watched from the revision after the grant's). A
+ * class with fields, not closures: it is what each held lock costs in
+ * memory, and it is the watch's handlers and the session's holder itself.
+ */
+class EtcdHold implements Grant, WatchHandlers, SessionHolder {
+  readonly token: bigint;
+  readonly loss = new Loss();
+  readonly session: Session;
+  /** The lock's name, for messages. */
+  readonly #name: string;
+  /** Our queue key, `name/leaseHex`. */
+  readonly key: string;
+  /** The create revision of our key: it is ours while it has this one. */
+  readonly revision: string;
+  readonly #context: HoldContext;
+  /** The revision to watch from next. */
+  #from: string;
+  #ended = false;
+  /** Whether the session still counts our key as in use. */
+  #using = true;
+  #watch?: Watch;
+  #retry?: ReturnType<typeof setTimeout>;
+  #start?: Alarm;
+
+  constructor(
+    context: HoldContext,
+    session: Session,
+    name: string,
+    key: string,
+    revision: string,
+    header: IResponseHeader,
+  ) {
+    this.token = BigInt(revision);
+    this.session = session;
+    this.#name = name;
+    this.key = key;
+    this.revision = revision;
+    this.#context = context;
+    this.#from = String(BigInt(header.revision) + 1n);
+    session.hold(this);
     // The watch starts WATCH_DELAY after the grant, from the revision after
     // it, so it still sees every event since: a lock released before then
     // (most are, uncontended) costs no watch create and cancel on the
     // stream, nor etcd's work for them. A deletion in the first moments
     // aborts the signal that much later.
-    start = alarms.add(performance.now() + WATCH_DELAY, () => {
-      start = undefined;
-      if (!ended) watchFrom(from);
+    this.#start = context.alarms.add(performance.now() + WATCH_DELAY, () => {
+      this.#start = undefined;
+      if (!this.#ended) this.#watchFrom();
     });
-    return {
-      token: BigInt(revision),
-      loss,
-      check: () => void session.checkDeadline(),
-      release: async () => {
-        end();
-        await release();
-      },
-    };
   }
-}
 
-/** What `releaseAll()` needs of a grant: its session, and how to give it back alone. */
-interface Held {
-  session: Session;
-  key: string;
-  revision: string;
+  check(): void {
+    this.session.checkDeadline();
+  }
+
+  /** The session's lease is gone. */
+  sessionLost(): void {
+    this.#lose(new LockLostError(this.#name, String(this.session.signal.reason)));
+  }
+
+  onEvents(events: IEvent[]): void {
+    for (const event of events) {
+      if (event.type === "Delete") {
+        this.#lose(new LockLostError(this.#name, "its key was deleted"));
+        // Perhaps with its whole lease (revoked): the other keys on it
+        // learn of it now rather than at the next keepalive.
+        this.session.verify();
+      } else if (event.kv.create_revision !== this.revision) {
+        this.#lose(new LockLostError(this.#name, "its key was replaced"));
+      }
+    }
+  }
+
+  /** etcd cancelled the watch (compacted history): read the key, watch again. */
+  onError(): void {
+    this.#resync();
+  }
+
+  /** etcd refused the watch: the same. (A hub closed under a held lock rejects nothing here.) */
+  onRefused(): void {
+    this.#resync();
+  }
+
+  async release(): Promise<void> {
+    this.#end();
+    const { calls, shared } = this.#context;
+    try {
+      if (shared) {
+        try {
+          await fencedDelete(calls, this.key, this.revision);
+        } catch (error) {
+          this.session.orphan(this.key, this.revision);
+          throw calls.error(error, `Cannot release lock ${JSON.stringify(this.#name)}`);
+        }
+      } else {
+        await this.session.close();
+      }
+    } finally {
+      this.#unuse();
+    }
+  }
+
+  #unuse() {
+    if (!this.#using) return;
+    this.#using = false;
+    this.session.unuse(this.key);
+  }
+
+  #end() {
+    this.#ended = true;
+    this.#context.alarms.cancel(this.#start);
+    this.session.forget(this);
+    clearTimeout(this.#retry);
+    this.#watch?.cancel();
+    this.#watch = undefined;
+  }
+
+  #lose(reason: LockLostError) {
+    if (this.#ended) return;
+    this.#end();
+    this.#unuse();
+    this.loss.lose(reason);
+  }
+
+  /**
+   * Watches our key from `#from`, the revision after the one we last saw it
+   * at, so nothing in between is missed. The hub resumes it after a stream
+   * break; if etcd cancels or refuses it, read the key and start again.
+   */
+  #watchFrom() {
+    this.#watch = this.#context.hub.watch(Buffer.from(this.key), this.#from, this);
+  }
+
+  #resync() {
+    this.#watch = undefined;
+    if (this.#ended) return;
+    this.#retry = setTimeout(async () => {
+      try {
+        const response = await this.#context.calls.range({ key: Buffer.from(this.key) });
+        const now = response.kvs[0];
+        if (now === undefined) {
+          return this.#lose(new LockLostError(this.#name, "its key was deleted"));
+        }
+        if (now.create_revision !== this.revision) {
+          return this.#lose(new LockLostError(this.#name, "its key was replaced"));
+        }
+        if (this.#ended) return;
+        this.#from = String(BigInt(response.header.revision) + 1n);
+        this.#watchFrom();
+      } catch {
+        this.#resync();
+      }
+    }, this.#context.retryInterval);
+  }
 }
 
 /** The etcd driver: sessions, acquisitions, and the client reference. */
@@ -1170,17 +1257,35 @@ class EtcdDriver implements Driver {
   readonly #sessions = new Set<Session>();
   /** Grants in flight, each settled once a late one is revoked: close() waits for them. */
   readonly #granting = new Set<Promise<unknown>>();
-  readonly #held = new WeakMap<Grant, Held>();
   #closed = false;
   readonly #hub: WatchHub;
   /** The delayed watch starts of the held locks, on one timer. */
   readonly #alarms = new Alarms();
+  #sharedContext?: HoldContext;
+  #ownContext?: HoldContext;
 
   constructor(calls: Calls, settings: LeaseSettings, onClose: () => Promise<void>) {
     this.#calls = calls;
     this.#settings = settings;
     this.#onClose = onClose;
     this.#hub = new WatchHub(calls.client);
+  }
+
+  /** What held locks keep of this driver, one object for all of them (per kind of session). */
+  #holdContext(shared: boolean): HoldContext {
+    return shared
+      ? this.#sharedContext ??= this.#makeContext(true)
+      : this.#ownContext ??= this.#makeContext(false);
+  }
+
+  #makeContext(shared: boolean): HoldContext {
+    return {
+      calls: this.#calls,
+      hub: this.#hub,
+      alarms: this.#alarms,
+      retryInterval: this.#settings.retryInterval,
+      shared,
+    };
   }
 
   #grant(): Promise<Session> {
@@ -1279,30 +1384,10 @@ class EtcdDriver implements Driver {
         // once if waiting took a while, then let it run out.
         await own.stopRenewing(performance.now() - started > 50);
       }
-      // The release keeps what it needs, not the acquisition: a held lock's
-      // memory is what 10,000 of them cost.
-      const calls = this.#calls;
-      const revision = won.revision;
-      const grant = acquisition.hold(revision, won.header, async () => {
-        try {
-          if (shared) {
-            try {
-              await fencedDelete(calls, full, revision);
-            } catch (error) {
-              own.orphan(full, revision);
-              throw this.#calls.error(error, `Cannot release lock ${JSON.stringify(key)}`);
-            }
-          } else {
-            await own.close();
-          }
-        } finally {
-          done?.();
-        }
-      });
-      const unused = done;
-      grant.loss.listen(() => unused());
-      this.#held.set(grant, { session: own, key: full, revision });
-      return grant;
+      // The held lock keeps what it needs, not the acquisition: a held lock's
+      // memory is what 10,000 of them cost. It takes over the key's use.
+      done = undefined;
+      return new EtcdHold(this.#holdContext(shared), own, key, full, won.revision, won.header);
     } catch (error) {
       done?.();
       if (!shared) await session?.close();
@@ -1322,15 +1407,14 @@ class EtcdDriver implements Driver {
    * failure does not keep the rest. Rejects with the first release that failed.
    */
   async releaseAll(grants: Grant[]): Promise<void> {
-    const bySession = new Map<Session, Held[]>();
-    for (const grant of grants) {
-      const held = this.#held.get(grant);
-      if (held === undefined) continue;
+    const bySession = new Map<Session, EtcdHold[]>();
+    for (const held of grants) {
+      if (!(held instanceof EtcdHold)) continue;
       const same = bySession.get(held.session);
       if (same) same.push(held);
       else bySession.set(held.session, [held]);
     }
-    const alone: Held[] = [];
+    const alone: EtcdHold[] = [];
     await settleEach([...bySession], CLOSE_CONCURRENCY, async ([session, held]) => {
       try {
         await session.revoke();

@@ -329,7 +329,7 @@ export class Instances {
     const bound = performance.now() + CLOSE_GIVE_BACK_BOUND;
     await Promise.all([...this.#late].map(async ({ done, until }) => {
       let timer: ReturnType<typeof setTimeout> | undefined;
-      const ms = Math.min(until, bound) - performance.now();
+      const ms = Math.max(0, Math.min(until, bound) - performance.now());
       await Promise.race([done, new Promise((resolve) => timer = setTimeout(resolve, ms))]);
       clearTimeout(timer);
     }));
