@@ -12,7 +12,7 @@ import {
   New,
 } from "../mod.ts";
 import { makeCerts, RedisServer, type TestCerts } from "./_servers.ts";
-import { prefix, Provoked, TOKEN, until } from "./_util.ts";
+import { prefix, Provoked, sleep, TOKEN, until } from "./_util.ts";
 
 const PASSWORD = "app-Secret-4c9d";
 const WRONG = "not-the-Password-8e1f";
@@ -78,6 +78,32 @@ describe("redis with ACL users", () => {
     await lease.release();
     assert.ok((await waiting).token > lease.token);
     await Promise.all([locker.close(), other.close()]);
+  });
+
+  it("wakes a waiter whose ACL has no queue commands at the release, not at its 5 s poll", async () => {
+    const name = `/app${prefix()}`;
+    // The holder may queue (default user); the waiter may not (no ZADD, TIME...).
+    const holder = New({ backend: "redis", endpoints: [server.endpoint] });
+    const waiter = New({
+      backend: "redis",
+      endpoints: [server.endpoint],
+      username: "app",
+      password: PASSWORD,
+      retryInterval: 5_000,
+    });
+    try {
+      const lease = await holder.lock(name);
+      const waiting = waiter.lock(name);
+      await sleep(300); // its attempts are done, and it is subscribed
+      const released = performance.now();
+      await lease.release();
+      const next = await waiting;
+      assert.ok(performance.now() - released < 1_000, "woken by its poll, not the release");
+      assert.ok(next.token > lease.token);
+      await next.release();
+    } finally {
+      await Promise.all([holder.close(), waiter.close()]);
+    }
   });
 
   it("rejects a key outside the user's keys with a LockPermissionError", async () => {

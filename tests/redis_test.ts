@@ -8,7 +8,7 @@ import { createRedisLocker } from "../backends/redis.ts";
 import { conformance } from "./_conformance.ts";
 import { assertExitsAfterClose, assertPausedHolderLoses } from "./_scenarios.ts";
 import { type Child, freePort, RedisServer, runScript } from "./_servers.ts";
-import { prefix, Provoked, sleep, TOKEN, until } from "./_util.ts";
+import { prefix, Provoked, sleep, TOKEN, until, within } from "./_util.ts";
 
 const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
@@ -38,6 +38,8 @@ describe("redis backend", () => {
     name: "redis",
     locker: (options) => New({ backend: "redis", endpoints: [server.endpoint], ...options }),
     shortTtl: 300,
+    // Lockers of one process share a client and queue in it, first come,
+    // first served; across processes, "hand-off across processes" below.
     fifoAcrossLockers: false,
     leftovers: async (keyPrefix) => (await lockKeys(probe, keyPrefix)).length,
   });
@@ -62,7 +64,7 @@ describe("redis backend", () => {
   });
 
   describe("hand-off across processes", () => {
-    it("wakes waiters in other processes on release, not after their 5 s poll", async () => {
+    it("hands the lock to waiters in other processes in the order they came, not after their 5 s poll", async () => {
       const name = prefix("handoff");
       const locker = New({ backend: "redis", endpoints: [server.endpoint] });
       const held = await locker.lock(name);
@@ -75,19 +77,14 @@ describe("redis backend", () => {
               GENESIS_HOLD: "30",
             }),
           );
+          // The child finds the lock held, subscribes, and takes its place
+          // in the lock's queue before the next one starts.
+          await until(
+            async () => await probe.zcard(`lock:{${name}}:queue`) === i + 1,
+            20_000,
+            `waiter ${i} in the queue`,
+          );
         }
-        // Each child subscribes before its first attempt, then finds the lock held.
-        await until(
-          async () => {
-            const [, subscribers] = await probe.pubsub("NUMSUB", `lock:{${name}}:released`) as [
-              string,
-              number,
-            ];
-            return subscribers === 3;
-          },
-          20_000,
-          "three subscribed waiters",
-        );
         await sleep(100); // and their first attempts are done
         for (const child of children) assert.doesNotMatch(child.output, /HELD/);
         const released = performance.now();
@@ -97,11 +94,79 @@ describe("redis backend", () => {
         // Three hand-offs; one missed notification alone would cost a 5 s poll.
         assert.ok(elapsed < 2_500, `three hand-offs took ${elapsed.toFixed(0)} ms`);
         const tokens = children.map((c) => BigInt(c.output.match(/HELD (\d+)/)![1]));
-        assert.ok(tokens.every((t) => t > held.token));
-        assert.equal(new Set(tokens).size, 3);
+        // Each release handed the lock to the next in the queue, in order,
+        // and no attempt took it in between: the tokens follow the holder's
+        // one by one, in the children's order.
+        assert.deepEqual(tokens, [1n, 2n, 3n].map((n) => held.token + n));
+        assert.equal(await probe.exists(`lock:{${name}}:queue`), 0, "the queue is empty");
       } finally {
         await Promise.all(children.map((c) => c.stop()));
         await locker.close();
+      }
+    });
+
+    /** A locker on a client of its own, so that it queues on the server, not in this process. */
+    const own = (retryInterval = 5_000) => {
+      const client = new Redis({ host: "127.0.0.1", port: server.port });
+      const locker = createRedisLocker(client, { retryInterval });
+      return {
+        locker,
+        close: async () => {
+          await locker.close();
+          client.disconnect();
+        },
+      };
+    };
+    const queued = (name: string) => probe.zcard(`lock:{${name}}:queue`);
+
+    it("skips a queued waiter that gave up: the next one gets the lock at the release", async () => {
+      const name = prefix("gave-up");
+      const [a, b, c] = [own(), own(), own()];
+      try {
+        const held = await a.locker.lock(name);
+        const quitting = b.locker.lock(name, { timeout: 600 });
+        await until(async () => await queued(name) === 1, 5_000, "b in the queue");
+        const waiting = c.locker.lock(name);
+        await until(async () => await queued(name) === 2, 5_000, "c in the queue");
+        await assert.rejects(quitting, LockTimeoutError);
+        await until(async () => await queued(name) === 1, 5_000, "b out of the queue");
+        const released = performance.now();
+        await held.release();
+        const lease = await within(waiting, 4_000, undefined);
+        assert.ok(lease, "c waited for its 5 s poll");
+        assert.ok(performance.now() - released < 1_000);
+        assert.equal(lease.token, held.token + 1n);
+        await lease.release();
+      } finally {
+        await Promise.all([a.close(), b.close(), c.close()]);
+      }
+    });
+
+    it("skips a queued waiter whose process died: the next one gets the lock at the release", async () => {
+      const name = prefix("died");
+      const [a, c] = [own(), own()];
+      let child: Child | undefined;
+      try {
+        const held = await a.locker.lock(name);
+        child = runScript(fixture, ["once", "redis", server.endpoint, name, "10000"], {
+          GENESIS_RETRY_INTERVAL: "5000",
+        });
+        await until(async () => await queued(name) === 1, 20_000, "the child in the queue");
+        const waiting = c.locker.lock(name);
+        await until(async () => await queued(name) === 2, 5_000, "c in the queue");
+        child.signal("SIGKILL");
+        await child.exited;
+        const released = performance.now();
+        await held.release();
+        const lease = await within(waiting, 4_000, undefined);
+        assert.ok(lease, "c waited for its 5 s poll");
+        assert.ok(performance.now() - released < 1_000);
+        assert.doesNotMatch(child.output, /HELD/);
+        await lease.release();
+        assert.equal(await queued(name), 0);
+      } finally {
+        await child?.stop();
+        await Promise.all([a.close(), c.close()]);
       }
     });
 

@@ -10,16 +10,32 @@ import { abortable, type Driver, type Grant, type LockStatus, Loss } from "../..
 import type { LeaseSettings } from "../../_options.ts";
 import { LeaseClock, type Renewal } from "../../_lease_clock.ts";
 import { errorOf, Silence, transient } from "./_errors.ts";
-import { type Instances, SILENT } from "./_instances.ts";
-import { ACQUIRE, keysOf, RAISE, randomToken, RELEASE, RESTORE, STATUS } from "./_scripts.ts";
+import { type Instance, type Instances, SILENT } from "./_instances.ts";
+import {
+  ACQUIRE,
+  ACQUIRE_QUEUED,
+  keysOf,
+  RAISE,
+  randomToken,
+  RELEASE,
+  RESTORE,
+  STATUS,
+} from "./_scripts.ts";
 import type { Listener } from "./_subscriptions.ts";
 
 /** What one instance answered to an acquisition attempt. */
 type Answer =
   | { kind: "acquired"; fence: number }
   | { kind: "unreplicated"; fence: number; acked: number; waited: number }
-  | { kind: "held"; pttl: number }
+  /** `fence`: the counter as this attempt saw it (a queued attempt). */
+  | { kind: "held"; pttl: number; fence?: number }
   | { kind: "failed"; error: unknown };
+
+/** What a queued attempt that found the lock held saw: when it was sent, and the counter. */
+interface Seen {
+  at: number;
+  fence: number;
+}
 
 /** Whether an answer took the key on its instance (replicated or not): it must be given back unless held. */
 function took(answer: Answer | undefined): boolean {
@@ -37,6 +53,7 @@ function waitWithin(deadline: number): number {
 
 /** An acquisition's reply (see ACQUIRE), as an answer. */
 function readAcquire(reply: unknown): Answer {
+  if (Array.isArray(reply)) return { kind: "held", pttl: -2 - reply[0], fence: reply[1] };
   const value = reply as number;
   return value > 0 ? { kind: "acquired", fence: value } : { kind: "held", pttl: -2 - value };
 }
@@ -53,11 +70,31 @@ function drift(ttl: number): number {
   return Math.floor(ttl * 0.01) + 2;
 }
 
+/** RELEASE's arguments (see its comment); a lock's instances share one kind of pub/sub. */
+function releaseArgs(
+  instance: Instance,
+  keys: ReturnType<typeof keysOf>,
+  token: string,
+  ttl: number,
+  wake: boolean,
+  queued: boolean,
+  member: string,
+): (string | number)[] {
+  const sharded = instance.subscriptions.sharded ? "s" : "";
+  return [token, wake ? keys.channel : "", sharded, ttl, queued ? "q" : "", member];
+}
+
 /** The Redis driver: acquisitions, renewals and releases on one or several instances. */
 export class RedisDriver implements Driver {
   readonly #instances: Instances;
   readonly #settings: LeaseSettings;
   readonly #onClose: () => Promise<void>;
+  /**
+   * Whether waiters queue on the server and a release hands the lock to the
+   * first of them (one Redis, no WAIT): FIFO across processes, and one
+   * process woken per hand-off instead of every waiting one.
+   */
+  readonly #queued: boolean;
 
   constructor(
     instances: Instances,
@@ -67,6 +104,7 @@ export class RedisDriver implements Driver {
     this.#instances = instances;
     this.#settings = settings;
     this.#onClose = onClose;
+    this.#queued = instances.queues && settings.waitReplicas === 0;
   }
 
   async acquire(name: string, wait: boolean, signal: AbortSignal): Promise<Grant | undefined> {
@@ -84,6 +122,10 @@ export class RedisDriver implements Driver {
       await contenders.enter(name, signal);
     }
     try {
+      // Queued, a contender that waited in line here most likely finds the
+      // lock handed on to another process's waiter: it subscribes and takes
+      // its place in one attempt, not after a plain one that fails.
+      if (inLine && this.#queued) return await this.#wait(keys, token, signal, { pttl: 0 });
       let last: { pttl: number } | undefined;
       try {
         const first = await this.#attempt(keys, token, signal, wait);
@@ -114,30 +156,66 @@ export class RedisDriver implements Driver {
     keys: ReturnType<typeof keysOf>,
     token: string,
     signal: AbortSignal,
-    last: { pttl: number } | undefined,
+    last: { pttl: number; seen?: Seen } | undefined,
   ): Promise<Grant> {
     const { retryInterval } = this.#settings;
-    let woken: Listener = () => {};
-    const wake = () => woken();
+    const instances = this.#instances;
+    let woken: (message?: string) => void = () => {};
+    // Queued, this process's channel for the lock carries each hand-off:
+    // "token:fencing token". Only ours wakes this waiter (and a reconnect,
+    // which may have lost one). Every waiter also hears the lock's own
+    // channel, where a release wakes them all when it hands the lock to no
+    // one (nobody queued; a user whose ACL has no queue commands).
+    const queued = this.#queued ? `${instances.id}|${token}` : undefined;
+    const ours = `${token}:`;
+    const wakeAll = () => woken();
+    const wakeOurs = (message?: string) => {
+      if (message === undefined) woken();
+      else if (message.startsWith(ours)) woken(message);
+    };
     const unsubscribe: (() => void)[] = [];
     // Made before each attempt, so a release during it still wakes the wait after.
-    let woke = new Promise<void>((resolve) => woken = resolve);
+    let woke = new Promise<string | undefined>((resolve) => woken = resolve);
+    let granted = false;
     try {
       for (;;) {
+        let handed: string | undefined;
         if (last === undefined) {
-          await this.#sleep(retryInterval, woke, signal);
+          handed = await this.#sleep(retryInterval, woke, signal);
         } else if (unsubscribe.length === 0) {
-          // Held: subscribe, then try once more before waiting, so a release
-          // between the failed attempt and the subscription still counts.
-          await this.#subscribe(keys.channel, wake, unsubscribe, signal);
+          // Held: subscribe, then try once more before waiting (queued: take
+          // a place in the queue), so a release between the failed attempt
+          // and the subscription still counts.
+          const channels: [string, Listener][] = [[keys.channel, wakeAll]];
+          if (queued) channels.push([`${keys.channel}:to:${instances.id}`, wakeOurs]);
+          await this.#subscribe(channels, unsubscribe, signal);
         } else {
           // Wait for a release, or poll: never past the holder's expiry.
-          await this.#sleep(Math.max(1, Math.min(retryInterval, last.pttl + 1)), woke, signal);
+          handed = await this.#sleep(
+            Math.max(1, Math.min(retryInterval, last.pttl + 1)),
+            woke,
+            signal,
+          );
         }
-        woke = new Promise<void>((resolve) => woken = resolve);
+        // A release handed us the lock: its key lasts ttl from the release.
+        // A fencing token above the counter our last attempt saw means the
+        // release ran after that attempt, so a lease counted from the
+        // attempt's send time ends no later than the key. (A message that
+        // lagged behind a later attempt is not taken: that attempt confirms.)
+        if (handed !== undefined && last?.seen !== undefined) {
+          const grant = this.#handed(keys, token, handed.slice(ours.length), last.seen);
+          if (grant) {
+            granted = true;
+            return grant;
+          }
+        }
+        woke = new Promise<string | undefined>((resolve) => woken = resolve);
         try {
-          const attempt = await this.#attempt(keys, token, signal, true);
-          if (attempt.grant) return attempt.grant;
+          const attempt = await this.#attempt(keys, token, signal, true, queued);
+          if (attempt.grant) {
+            granted = true;
+            return attempt.grant;
+          }
           last = attempt;
         } catch (error) {
           if (signal.aborted || !transient(error)) throw error;
@@ -146,25 +224,34 @@ export class RedisDriver implements Driver {
       }
     } finally {
       for (const remove of unsubscribe) remove();
+      // Given up (aborted, failed): leave the queue, and pass on a lock that
+      // a release handed to this waiter meanwhile. close() waits for it.
+      if (queued && !granted) {
+        instances.giveBackLate(
+          this.#release(0, keys, token, true, queued).catch(() => {}),
+          performance.now() + this.#settings.ttl,
+        );
+      }
     }
   }
 
   /**
-   * Subscribes to `channel` on every instance. An instance slow to confirm
+   * Subscribes to `channels` on every instance. An instance slow to confirm
    * (down, say) holds this up for one poll interval at most: the poll covers
    * a message missed meanwhile.
    */
   async #subscribe(
-    channel: string,
-    wake: Listener,
+    channels: [string, Listener][],
     unsubscribe: (() => void)[],
     signal: AbortSignal,
   ): Promise<void> {
-    const ready = this.#instances.list.map((instance) => {
-      const subscription = instance.subscriptions.add(channel, wake);
-      unsubscribe.push(subscription.remove);
-      return subscription.ready;
-    });
+    const ready = this.#instances.list.flatMap((instance) =>
+      channels.map(([channel, wake]) => {
+        const subscription = instance.subscriptions.add(channel, wake);
+        unsubscribe.push(subscription.remove);
+        return subscription.ready;
+      })
+    );
     let timer: ReturnType<typeof setTimeout> | undefined;
     const bound = new Promise((resolve) =>
       timer = setTimeout(resolve, this.#settings.retryInterval)
@@ -176,15 +263,43 @@ export class RedisDriver implements Driver {
     }
   }
 
-  /** Resolves after `ms`, or when woken; rejects with the signal's reason. */
-  async #sleep(ms: number, woke: Promise<void>, signal: AbortSignal): Promise<void> {
+  /** Resolves after `ms` (undefined), or when woken (with what woke it); rejects with the signal's reason. */
+  async #sleep(
+    ms: number,
+    woke: Promise<string | undefined>,
+    signal: AbortSignal,
+  ): Promise<string | undefined> {
     let timer: ReturnType<typeof setTimeout> | undefined;
-    const elapsed = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
+    const elapsed = new Promise<undefined>((resolve) =>
+      timer = setTimeout(() => resolve(undefined), ms)
+    );
     try {
-      await abortable(Promise.race([elapsed, woke]), signal);
+      return await abortable(Promise.race([elapsed, woke]), signal);
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /**
+   * The lock a release handed to this waiter, with fencing token `fence`
+   * (decimal), its lease counted from `seen.at`; undefined if the message is
+   * older than that attempt or leaves too little time: the next attempt
+   * then confirms it instead.
+   */
+  #handed(
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    fence: string,
+    seen: Seen,
+  ): HeldLock | undefined {
+    const { ttl } = this.#settings;
+    const value = Number(fence);
+    // At least half the lease left, so its first renewal (a third of the
+    // TTL from now) comes before its deadline.
+    if (!(value > seen.fence) || seen.at + ttl - drift(ttl) - performance.now() < ttl / 2) {
+      return undefined;
+    }
+    return this.#hold(keys, token, value, seen.at);
   }
 
   /** The acquisition script on every instance, with a WAIT after each grant if `waitReplicas` asks. */
@@ -249,7 +364,8 @@ export class RedisDriver implements Driver {
     token: string,
     signal: AbortSignal,
     wait: boolean,
-  ): Promise<{ grant?: Grant; pttl: number }> {
+    queued?: string,
+  ): Promise<{ grant?: Grant; pttl: number; seen?: Seen }> {
     const { ttl, waitReplicas, retryInterval } = this.#settings;
     const instances = this.#instances;
     const { list, quorum } = instances;
@@ -263,14 +379,27 @@ export class RedisDriver implements Driver {
       if (list.length === 1 && waitReplicas === 0) {
         // One Redis, no WAIT: the one script call, and the common outcomes
         // (granted in time, held) decided here, without the quorum's arrays.
-        const call = instances.run(list[0], ACQUIRE, [keys.lock, keys.fence], [token, ttl])
-          .then(readAcquire, failedAnswer);
+        // A queued waiter's attempt also takes its place in the queue, or
+        // confirms a lock a release handed it.
+        const call = (queued === undefined
+          ? instances.run(list[0], ACQUIRE, [keys.lock, keys.fence], [token, ttl])
+          : instances.run(list[0], ACQUIRE_QUEUED, [keys.lock, keys.fence, keys.queue], [
+            token,
+            ttl,
+            queued,
+            Math.max(ttl, 10 * retryInterval),
+          ])).then(readAcquire, failedAnswer);
         calls = [call];
         const answer = await instances.within(call, bound, signal);
         if (answer !== SILENT && answer.kind === "acquired") {
-          if (valid()) return { grant: this.#hold(keys, token, answer.fence, sentAt), pttl: 0 };
+          if (valid()) {
+            return { grant: this.#hold(keys, token, answer.fence, sentAt), pttl: 0 };
+          }
         } else if (answer !== SILENT && answer.kind === "held") {
-          return { pttl: answer.pttl > 0 ? answer.pttl : retryInterval };
+          const pttl = answer.pttl > 0 ? answer.pttl : retryInterval;
+          return answer.fence === undefined
+            ? { pttl }
+            : { pttl, seen: { at: sentAt, fence: answer.fence } };
         }
         answered = [answer === SILENT ? undefined : answer];
       } else {
@@ -373,12 +502,27 @@ export class RedisDriver implements Driver {
     token: string,
     wake = false,
   ): Promise<void> {
+    return this.#release(i, keys, token, wake).then(() => {}, () => {});
+  }
+
+  /**
+   * RELEASE of `token`'s key on instance `i`: with `wake`, handed to the
+   * queue's first waiter where waiters queue, or waking them all; `member`
+   * leaves the queue first (a waiter giving up).
+   */
+  #release(
+    i: number,
+    keys: ReturnType<typeof keysOf>,
+    token: string,
+    wake: boolean,
+    member = "",
+  ): Promise<unknown> {
     const instance = this.#instances.list[i];
-    const channel = wake ? keys.channel : "";
-    const sharded = instance.subscriptions.sharded ? "s" : "";
-    return this.#instances.run(instance, RELEASE, [keys.lock], [token, channel, sharded]).then(
-      () => {},
-      () => {},
+    return this.#instances.run(
+      instance,
+      RELEASE,
+      [keys.lock, keys.queue, keys.fence],
+      releaseArgs(instance, keys, token, this.#settings.ttl, wake, wake && this.#queued, member),
     );
   }
 
@@ -467,7 +611,15 @@ export class RedisDriver implements Driver {
 
   /** The held lock: see {@linkcode HeldLock}. */
   #hold(keys: ReturnType<typeof keysOf>, token: string, fence: number, sentAt: number): HeldLock {
-    return new HeldLock(this.#instances, this.#settings, keys, token, BigInt(fence), sentAt);
+    return new HeldLock(
+      this.#instances,
+      this.#settings,
+      keys,
+      token,
+      BigInt(fence),
+      sentAt,
+      this.#queued,
+    );
   }
 
   status(name: string): Promise<LockStatus> {
@@ -497,6 +649,8 @@ class HeldLock implements Grant {
   readonly #keys: ReturnType<typeof keysOf>;
   readonly #secret: string;
   readonly #clock: LeaseClock;
+  /** Whether its release hands the lock to the queue's first waiter. */
+  readonly #queued: boolean;
   #released = false;
 
   constructor(
@@ -506,8 +660,10 @@ class HeldLock implements Grant {
     token: string,
     fence: bigint,
     sentAt: number,
+    queued: boolean,
   ) {
     this.token = fence;
+    this.#queued = queued;
     this.#instances = instances;
     this.#settings = settings;
     this.#keys = keys;
@@ -590,14 +746,15 @@ class HeldLock implements Grant {
     const keys = this.#keys;
     // Past the lease's deadline (and the drift allowed) the key has expired anyway.
     const bound = clock.deadline - performance.now() + drift(this.#settings.ttl);
-    const sharded = list.every((instance) => instance.subscriptions.sharded) ? "s" : "";
-    const args = [this.#secret, keys.channel, sharded];
+    const ttl = this.#settings.ttl;
+    const args = releaseArgs(list[0], keys, this.#secret, ttl, true, this.#queued, "");
+    const scriptKeys = [keys.lock, keys.queue, keys.fence];
     if (list.length === 1) {
       // One Redis: its answer decides, without the quorum's arrays.
       const only = list[0];
       let reply: unknown;
       try {
-        reply = await instances.within(instances.run(only, RELEASE, [keys.lock], args), bound);
+        reply = await instances.within(instances.run(only, RELEASE, scriptKeys, args), bound);
       } catch (error) {
         throw this.#releaseError(error, only.name);
       }
@@ -610,7 +767,7 @@ class HeldLock implements Grant {
       replies.filter((r) => r !== undefined && which(r)).length;
     const notOurs = (r: Reply) => r === "not ours";
     const failed = (r: Reply) => typeof r === "object";
-    const { answers } = instances.each<Reply>(RELEASE, [keys.lock], args, {
+    const { answers } = instances.each<Reply>(RELEASE, scriptKeys, args, {
       read: (reply) => reply === 1 ? "deleted" : "not ours",
       failed: (error) => ({ error }),
       bound,

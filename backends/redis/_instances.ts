@@ -8,7 +8,7 @@ import { scrub } from "../../_scrub.ts";
 import type { Client } from "./_connection.ts";
 import { Corker } from "./_cork.ts";
 import { type Kind, kindOf, translate } from "./_errors.ts";
-import { RENEW_BATCH, RENEW_MANY, sha1, shas, slotOf } from "./_scripts.ts";
+import { randomToken, RENEW_BATCH, RENEW_MANY, sha1, shas, slotOf } from "./_scripts.ts";
 import type { Subscriptions } from "./_subscriptions.ts";
 
 /** One Redis (a server, a Sentinel's primary, a Cluster): its client, its subscriber, and how to name it in messages. */
@@ -43,6 +43,11 @@ export class Instances {
   readonly alarms = new Alarms();
   /** The calls of one tick to one instance leave in one write. */
   readonly #corker = new Corker();
+  /**
+   * This client's name in lock queues: a release hands a lock to a waiter
+   * of this process on the lock's channel suffixed with it.
+   */
+  readonly id = randomToken();
   readonly #secrets: string[];
   /** Renewals asked for in this pass, by instance, sent together at its end. */
   #renewals = new Map<Instance, PendingRenewal[]>();
@@ -53,6 +58,14 @@ export class Instances {
   constructor(list: Instance[], secrets: string[]) {
     this.list = list;
     this.#secrets = secrets;
+  }
+
+  /**
+   * Whether releases hand locks to a queue of waiters: on one Redis that is
+   * not a Cluster (PUBLISH counts only the node's own listeners there).
+   */
+  get queues(): boolean {
+    return this.list.length === 1 && !(this.list[0].client instanceof Cluster);
   }
 
   /** How many instances must agree. */

@@ -12,21 +12,70 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return -2 - redis.call('PTTL', KEYS[1])`;
 
-// KEYS: lock. ARGV: token, channel, "s" for sharded pub/sub. Fenced delete,
-// then wake the waiters. Without a channel (a partial acquisition given
-// back) it wakes nobody: waiters would only find the lock still held on a
-// majority. pcall: a user without rights on the channel still releases (a
-// script is not undone by a later error); its waiters then wake by polling.
-// SPUBLISH keeps the message in the lock's slot, on a Cluster.
+// KEYS: lock, queue, fence. ARGV: token, channel, "s" for sharded pub/sub, ttl
+// ms, "q" to hand the lock to the queue, the member to take out of the
+// queue first (a waiter giving up) or ''. Fenced: only the holder of `token`
+// releases. With "q", the lock goes straight to the oldest waiter in the
+// queue whose process still listens on its channel (PUBLISH counts the
+// listeners; a dead process's entry is dropped): the key is set to that
+// waiter's token for `ttl` ms, the counter counts the grant, and only that
+// process wakes, told "token:fencing token": the waiter holds the lock from
+// that message on (see RedisDriver.#wait for its deadline). Otherwise (no waiter, a Redlock, a Cluster)
+// the key is deleted and the lock's channel wakes every waiter.
+// Without a channel (a partial acquisition given back) it wakes nobody:
+// waiters would only find the lock still held on a majority. pcall: a user
+// without rights on the channel still releases (a script is not undone by a
+// later error); its waiters then wake by polling. SPUBLISH keeps the message
+// in the lock's slot, on a Cluster.
 export const RELEASE = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] ~= '' then
-    redis.pcall(ARGV[3] == 's' and 'SPUBLISH' or 'PUBLISH', ARGV[2], ARGV[1])
+if ARGV[6] ~= '' then redis.pcall('ZREM', KEYS[2], ARGV[6]) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local publish = ARGV[3] == 's' and 'SPUBLISH' or 'PUBLISH'
+if ARGV[5] == 'q' then
+  for _ = 1, 8 do
+    local head = redis.pcall('ZPOPMIN', KEYS[2])
+    if head.err or head[1] == nil then break end
+    local bar = string.find(head[1], '|', 1, true)
+    local token = string.sub(head[1], bar + 1)
+    local fence = (tonumber(redis.call('GET', KEYS[3])) or 0) + 1
+    local to = ARGV[2] .. ':to:' .. string.sub(head[1], 1, bar - 1)
+    local heard = redis.pcall(publish, to, token .. ':' .. fence)
+    if type(heard) == 'number' and heard > 0 then
+      redis.call('SET', KEYS[1], token, 'PX', ARGV[4])
+      redis.call('SET', KEYS[3], fence)
+      return 1
+    end
   end
-  return 1
 end
-return 0`;
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.pcall(publish, ARGV[2], ARGV[1]) end
+return 1`;
+
+// KEYS: lock, fence, queue. ARGV: token, ttl ms, queue member, queue ttl
+// ms. A queued waiter's attempt: acquires a free lock (and leaves the
+// queue), or confirms a lock a release handed to it (extends it to `ttl`
+// from now and answers the counter), or takes its place in the queue (kept
+// at its first place) and reports the wait. Answers as ACQUIRE does, but
+// held as {-2 - PTTL, counter}: a hand-off message with a higher counter
+// came from a release after this attempt ran. A user whose ACL denies the
+// queue's commands (TIME, ZADD, ZREM, ZPOPMIN) gets the plain answer: not
+// queued, it is woken with everyone on the lock's channel, as on a Redlock.
+export const ACQUIRE_QUEUED = `
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.pcall('ZREM', KEYS[3], ARGV[3])
+  return redis.call('INCR', KEYS[2])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]))
+end
+local wait = -2 - redis.call('PTTL', KEYS[1])
+local now = redis.pcall('TIME')
+if now.err then return wait end
+local added = redis.pcall('ZADD', KEYS[3], 'NX', now[1] .. string.format('%06d', now[2]), ARGV[3])
+if type(added) == 'table' and added.err then return wait end
+redis.pcall('PEXPIRE', KEYS[3], ARGV[4])
+return {wait, tonumber(redis.call('GET', KEYS[2])) or 0}`;
 
 // KEYS: locks. ARGV: ttl ms, then each lock's token. Fenced extend of many
 // locks at once, one reply per key: 1, or 0 if the key is someone else's,
@@ -71,7 +120,13 @@ return 1`;
 /** The keys and channel of one lock. */
 export function keysOf(name: string) {
   const base = `lock:{${name}}`;
-  return { name, lock: base, fence: `${base}:fence`, channel: `${base}:released` };
+  return {
+    name,
+    lock: base,
+    fence: `${base}:fence`,
+    queue: `${base}:queue`,
+    channel: `${base}:released`,
+  };
 }
 
 /** CRC16-CCITT (XModem) of `bytes`, as Redis Cluster hashes keys. */

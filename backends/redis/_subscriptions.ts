@@ -2,7 +2,8 @@
 
 import { type Client, hangUp } from "./_connection.ts";
 
-export type Listener = () => void;
+/** Told of each message on its channel (undefined: after a reconnect, when one may have been missed). */
+export type Listener = (message?: string) => void;
 
 /** How long a channel stays subscribed after its last waiter left. */
 const SUBSCRIPTION_LINGER = 1_000;
@@ -47,7 +48,7 @@ export class Subscriptions {
       subscriber.on("error", () => {}); // waiters fall back to polling; commands report errors
       subscriber.on(
         this.sharded ? "smessage" : "message",
-        (channel: string) => this.#wake(channel),
+        (channel: string, message: string) => this.#wake(channel, message),
       );
       subscriber.on("ready", () => {
         for (const channel of this.#wanted()) this.#send(channel, true);
@@ -68,8 +69,8 @@ export class Subscriptions {
     return [...this.#listeners.keys(), ...this.#idle.keys()];
   }
 
-  #wake(channel: string) {
-    for (const listener of this.#listeners.get(channel) ?? []) listener();
+  #wake(channel: string, message?: string) {
+    for (const listener of this.#listeners.get(channel) ?? []) listener(message);
   }
 
   /**
