@@ -763,6 +763,8 @@ interface Attempt {
   revision: string;
   /** The oldest key in the owner range, which may be another lock's. */
   first: IKeyValue | undefined;
+  /** The newest key in the owner range created before ours (keys only), which may be another lock's. */
+  before: IKeyValue | undefined;
   header: IResponseHeader;
 }
 
@@ -778,6 +780,12 @@ class Acquisition {
   readonly #alarms: Alarms;
   /** The oldest key that may be a queue entry (see {@linkcode queueRange}). */
   readonly #ownerRange: IRangeRequest;
+  /**
+   * The two newest keys that may be queue entries, keys only: read in the
+   * put's own transaction, the first is ours and the second the candidate
+   * predecessor a waiter watches, without a read of its own.
+   */
+  readonly #newestRange: IRangeRequest;
 
   constructor(
     calls: Calls,
@@ -796,6 +804,12 @@ class Acquisition {
     this.#key = `${name}/${session.hex}`;
     this.#retryInterval = retryInterval;
     this.#ownerRange = { ...queueRange(this.#prefix), limit: 1 };
+    this.#newestRange = {
+      ...queueRange(this.#prefix),
+      sort_order: "Descend",
+      limit: 2,
+      keys_only: true,
+    };
   }
 
   /**
@@ -854,6 +868,7 @@ class Acquisition {
         success: [
           { request_put: { key, value: EMPTY, lease: this.#session.id } },
           { request_range: this.#ownerRange },
+          { request_range: this.#newestRange },
         ],
         failure: [{ request_range: { key } }, { request_range: this.#ownerRange }],
       });
@@ -871,6 +886,7 @@ class Acquisition {
         return {
           revision,
           first: response.responses[1].response_range.kvs[0],
+          before: response.responses[2].response_range.kvs[1],
           header: response.header,
         };
       }
@@ -916,7 +932,7 @@ class Acquisition {
         await this.#delete(attempt.revision);
         return undefined;
       }
-      const header = await this.#waitTurn(attempt.revision, signal);
+      const header = await this.#waitTurn(attempt.revision, signal, attempt.before);
       return { revision: attempt.revision, header };
     } catch (error) {
       await this.#delete(attempt.revision);
@@ -938,9 +954,17 @@ class Acquisition {
    * is still there: a session that expired while queued must not be granted
    * (etcd-io/etcd#11456).
    */
-  async #waitTurn(revision: string, signal: AbortSignal): Promise<IResponseHeader> {
+  async #waitTurn(
+    revision: string,
+    signal: AbortSignal,
+    candidate: IKeyValue | undefined,
+  ): Promise<IResponseHeader> {
     const before = String(BigInt(revision) - 1n);
     const ours = Buffer.from(this.#key);
+    // First, the predecessor the put's transaction read (our key was there
+    // then): no read of its own before the first wait.
+    const first = await this.#whileWaiting(signal, () => this.#entry(candidate, "Descend", before));
+    if (first !== undefined) await this.#waitDelete(first, signal);
     for (;;) {
       // The predecessor and our own key, read at one revision.
       const response = await this.#whileWaiting(signal, () =>
