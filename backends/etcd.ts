@@ -932,7 +932,12 @@ class Acquisition {
         await this.#delete(attempt.revision);
         return undefined;
       }
-      const header = await this.#waitTurn(attempt.revision, signal, attempt.before);
+      const header = await this.#waitTurn(
+        attempt.revision,
+        signal,
+        attempt.before,
+        attempt.header.revision,
+      );
       return { revision: attempt.revision, header };
     } catch (error) {
       await this.#delete(attempt.revision);
@@ -958,13 +963,14 @@ class Acquisition {
     revision: string,
     signal: AbortSignal,
     candidate: IKeyValue | undefined,
+    readAt: string,
   ): Promise<IResponseHeader> {
     const before = String(BigInt(revision) - 1n);
     const ours = Buffer.from(this.#key);
     // First, the predecessor the put's transaction read (our key was there
     // then): no read of its own before the first wait.
     const first = await this.#whileWaiting(signal, () => this.#entry(candidate, "Descend", before));
-    if (first !== undefined) await this.#waitDelete(first, signal);
+    if (first !== undefined) await this.#waitDelete(first, signal, readAt);
     for (;;) {
       // The predecessor and our own key, read at one revision.
       const response = await this.#whileWaiting(signal, () =>
@@ -994,7 +1000,7 @@ class Acquisition {
         () => this.#entry(response.responses[0].response_range.kvs[0], "Descend", before),
       );
       if (predecessor === undefined) return response.header;
-      await this.#waitDelete(predecessor, signal);
+      await this.#waitDelete(predecessor, signal, response.header.revision);
     }
   }
 
@@ -1027,8 +1033,10 @@ class Acquisition {
    * place catches a delete that came before it. The hub resumes the watch
    * after a stream break without losing an event; if etcd cancels it, a new
    * one is made the same way. Polling at `retryInterval` covers a lost event.
+   * `readAt` is the store revision `kv` was seen at: a first watch that etcd
+   * creates at that same revision has missed nothing, and needs no read.
    */
-  async #waitDelete(kv: IKeyValue, signal: AbortSignal): Promise<void> {
+  async #waitDelete(kv: IKeyValue, signal: AbortSignal, readAt?: string): Promise<void> {
     const stop = new AbortController();
     const onLost = () =>
       stop.abort(
@@ -1050,6 +1058,8 @@ class Acquisition {
         const start = () => {
           watching = false;
           if (stop.signal.aborted) return;
+          const seenAt = readAt;
+          readAt = undefined;
           const w = this.#hub.watch(kv.key, undefined, {
             onEvents: (events) => {
               if (
@@ -1063,10 +1073,12 @@ class Acquisition {
             onError: start,
           });
           watch = w;
-          w.created.then(() => {
-            // The watch is in place: a read now sees any delete it missed.
+          w.created.then((revision) => {
+            // The watch is in place: a read now sees any delete it missed,
+            // unless nothing has changed in the store since `kv` was seen.
             if (watch !== w) return;
             watching = true;
+            if (revision === seenAt) return;
             this.#stillThere(kv).then((there) => there || resolve(), () => {});
           }, () => {}); // refused: the poll below carries on
         };
