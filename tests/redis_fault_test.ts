@@ -128,7 +128,11 @@ describe("redis pub/sub wake-ups", () => {
       // Slow link: the server has the SUBSCRIBE while its confirmation is still on the way.
       proxy.delayMs = 400;
       const waiting = waiter.lock(name);
-      await until(async () => await subscribers(probe, name) === PER_WAITER, 15_000, "the SUBSCRIBE");
+      await until(
+        async () => await subscribers(probe, name) === PER_WAITER,
+        15_000,
+        "the SUBSCRIBE",
+      );
       await probe.call("CLIENT", "KILL", "TYPE", "pubsub");
       proxy.delayMs = 0;
       await until(
@@ -153,7 +157,11 @@ describe("redis pub/sub wake-ups", () => {
       const name = prefix("no-offline-queue");
       const held = await holder.lock(name);
       const waiting = waiter.lock(name);
-      await until(async () => await subscribers(probe, name) === PER_WAITER, 4_000, "the SUBSCRIBE");
+      await until(
+        async () => await subscribers(probe, name) === PER_WAITER,
+        4_000,
+        "the SUBSCRIBE",
+      );
       const elapsed = await handOff(held, waiting);
       assert.ok(elapsed < 2_000, `the hand-off took ${elapsed.toFixed(0)} ms: a poll`);
     } finally {
@@ -186,7 +194,11 @@ describe("redis subscriber that cannot connect", () => {
       const waiting = waiter.lock(name);
       await sleep(300);
       await probe.config("SET", "maxclients", "100");
-      await until(async () => await subscribers(probe, name) === PER_WAITER, 6_000, "the SUBSCRIBE");
+      await until(
+        async () => await subscribers(probe, name) === PER_WAITER,
+        6_000,
+        "the SUBSCRIBE",
+      );
       await sleep(300);
       // One SUBSCRIBE per channel of the one lock still wanted; none for the 20 gone meanwhile.
       const stats = await probe.info("commandstats");
