@@ -183,15 +183,14 @@ export interface LockStatus {
 }
 
 /**
- * How a backend reports that a grant was lost: once, with a reason, to its
- * listeners. Lighter than an `AbortController` per lease, which a lease
+ * How a backend reports that a grant was lost: once, with a reason, to the
+ * lease handed out for it. Lighter than an `AbortController` per lease, which a lease
  * makes only when its caller reads `lease.signal`.
  */
 export class Loss {
   #lost = false;
   #reason: unknown;
-  #listeners?: ((reason: unknown) => void)[];
-  /** The lease handed out for it: told first, without a closure per lease. */
+  /** The lease handed out for it: told, without a closure per lease. */
   #lease?: HeldLease;
 
   /** Whether the grant was lost. */
@@ -204,7 +203,7 @@ export class Loss {
     return this.#reason;
   }
 
-  /** Marks it lost with `reason` and tells each listener, once. */
+  /** Marks it lost with `reason` and tells its lease, once. */
   lose(reason: unknown): void {
     if (this.#lost) return;
     this.#lost = true;
@@ -212,21 +211,12 @@ export class Loss {
     const lease = this.#lease;
     this.#lease = undefined;
     if (lease) HeldLease.lost(lease, reason);
-    const listeners = this.#listeners;
-    this.#listeners = undefined;
-    if (listeners) { for (const listener of listeners) listener(reason); }
   }
 
   /** Tells `lease` when it is lost; at once if it already was. */
   hold(lease: HeldLease): void {
     if (this.#lost) return HeldLease.lost(lease, this.#reason);
     this.#lease = lease;
-  }
-
-  /** Calls `listener` when it is lost; at once if it already was. */
-  listen(listener: (reason: unknown) => void): void {
-    if (this.#lost) return listener(this.#reason);
-    (this.#listeners ??= []).push(listener);
   }
 }
 

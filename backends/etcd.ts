@@ -503,7 +503,7 @@ class Session {
    * not a listener each on `signal`, whose removal scans every listener
    * (10,000 held locks made close() quadratic) and costs more memory.
    */
-  readonly #holders = new Set<(() => void) | SessionHolder>();
+  readonly #holders = new Set<SessionHolder>();
   readonly #clock: LeaseClock;
   #renewing = true;
   #revoked?: Promise<void>;
@@ -555,20 +555,14 @@ class Session {
     this.#controller.abort(detail);
     const holders = [...this.#holders];
     this.#holders.clear();
-    for (const holder of holders) {
-      if (typeof holder === "function") holder();
-      else holder.sessionLost();
-    }
+    for (const holder of holders) holder.sessionLost();
   }
 
   /** Calls `lost` once the lease is gone (at once if it is); the result stops that. */
   whenLost(lost: () => void): () => void {
-    if (this.#controller.signal.aborted) {
-      lost();
-      return () => {};
-    }
-    this.#holders.add(lost);
-    return () => this.#holders.delete(lost);
+    const holder = { sessionLost: lost };
+    this.hold(holder);
+    return () => this.forget(holder);
   }
 
   /** Tells `holder` once the lease is gone (at once if it is), until `forget(holder)`. */
@@ -1297,30 +1291,21 @@ class EtcdDriver implements Driver {
   readonly #hub: WatchHub;
   /** The delayed watch starts of the held locks, on one timer. */
   readonly #alarms = new Alarms();
-  #sharedContext?: HoldContext;
-  #ownContext?: HoldContext;
+  /** What every held lock keeps of this driver: one object for all of them. */
+  readonly #holdContext: HoldContext;
 
   constructor(calls: Calls, settings: LeaseSettings, onClose: () => Promise<void>) {
     this.#calls = calls;
     this.#settings = settings;
     this.#onClose = onClose;
     this.#hub = new WatchHub(calls.client);
-  }
-
-  /** What held locks keep of this driver, one object for all of them (per kind of session). */
-  #holdContext(shared: boolean): HoldContext {
-    return shared
-      ? this.#sharedContext ??= this.#makeContext(true)
-      : this.#ownContext ??= this.#makeContext(false);
-  }
-
-  #makeContext(shared: boolean): HoldContext {
-    return {
-      calls: this.#calls,
+    this.#holdContext = {
+      calls,
       hub: this.#hub,
       alarms: this.#alarms,
-      retryInterval: this.#settings.retryInterval,
-      shared,
+      retryInterval: settings.retryInterval,
+      // With autoRenew every lock is on the locker's shared session.
+      shared: settings.autoRenew,
     };
   }
 
@@ -1423,7 +1408,7 @@ class EtcdDriver implements Driver {
       // The held lock keeps what it needs, not the acquisition: a held lock's
       // memory is what 10,000 of them cost. It takes over the key's use.
       done = undefined;
-      return new EtcdHold(this.#holdContext(shared), own, key, full, won.revision, won.header);
+      return new EtcdHold(this.#holdContext, own, key, full, won.revision, won.header);
     } catch (error) {
       done?.();
       if (!shared) await session?.close();

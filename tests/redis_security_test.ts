@@ -10,6 +10,7 @@ import {
   LockLostError,
   LockPermissionError,
   New,
+  type Options,
 } from "../mod.ts";
 import { makeCerts, RedisServer, type TestCerts } from "./_servers.ts";
 import { prefix, Provoked, sleep, TOKEN, until } from "./_util.ts";
@@ -58,22 +59,21 @@ describe("redis with ACL users", () => {
     await server.stop();
   });
 
-  it("locks as a user limited to the lock keys", async () => {
-    const locker = New({
+  /** A locker that authenticates as the "app" user. */
+  const asApp = (options: Partial<Options> = {}) =>
+    New({
       backend: "redis",
       endpoints: [server.endpoint],
       username: "app",
       password: PASSWORD,
+      ...options,
     });
+
+  it("locks as a user limited to the lock keys", async () => {
+    const locker = asApp();
     const name = `/app${prefix()}`;
     const lease = await locker.lock(name);
-    const other = New({
-      backend: "redis",
-      endpoints: [server.endpoint],
-      username: "app",
-      password: PASSWORD,
-      ttl: 5_000,
-    });
+    const other = asApp({ ttl: 5_000 });
     const waiting = other.lock(name); // subscribes on the lock's channel
     await lease.release();
     assert.ok((await waiting).token > lease.token);
@@ -84,13 +84,7 @@ describe("redis with ACL users", () => {
     const name = `/app${prefix()}`;
     // The holder may queue (default user); the waiter may not (no ZADD, TIME...).
     const holder = New({ backend: "redis", endpoints: [server.endpoint] });
-    const waiter = New({
-      backend: "redis",
-      endpoints: [server.endpoint],
-      username: "app",
-      password: PASSWORD,
-      retryInterval: 5_000,
-    });
+    const waiter = asApp({ retryInterval: 5_000 });
     try {
       const lease = await holder.lock(name);
       const waiting = waiter.lock(name);
@@ -107,12 +101,7 @@ describe("redis with ACL users", () => {
   });
 
   it("rejects a key outside the user's keys with a LockPermissionError", async () => {
-    const locker = New({
-      backend: "redis",
-      endpoints: [server.endpoint],
-      username: "app",
-      password: PASSWORD,
-    });
+    const locker = asApp();
     const error = keep(await locker.lock(`/other${prefix()}`).catch((e) => e));
     assert.ok(error instanceof LockPermissionError, inspect(error));
     assert.match(error.message, /permission denied by Redis at 127\.0\.0\.1:\d+: NOPERM/);
