@@ -93,8 +93,12 @@ export class Alarms {
 export type Renewal =
   /** Confirmed: the lease now lasts until `deadline` (monotonic ms). */
   | { ok: true; deadline: number }
-  /** Not confirmed (no answer, an error): try again soon; the deadline decides. */
-  | { ok: false }
+  /**
+   * Not confirmed (no answer, an error): try again soon; the deadline
+   * decides. `why` is said in the loss if the deadline passes before the
+   * next confirmed one (no token or password in it).
+   */
+  | { ok: false; why?: string }
   /** The server says the lease is gone. */
   | { lost: string };
 
@@ -110,7 +114,7 @@ export interface LeaseClockOptions {
   renew?: () => Promise<Renewal>;
   /** Called once, when the lease is lost, with why. */
   lapse: (detail: string) => void;
-  /** Why, when the deadline passes. */
+  /** Why, when the deadline passes (followed by the last unconfirmed renewal's `why`). */
   expired: string;
   /**
    * The alarms to keep time on, shared with the backend's other leases, so
@@ -126,6 +130,8 @@ export class LeaseClock {
   #renewAt: number;
   #renewing = false;
   #ended = false;
+  /** Why the last renewal was not confirmed, if none was since. */
+  #why?: string;
   readonly #alarms: Alarms;
   readonly #ownAlarms: boolean;
   #alarm?: Alarm;
@@ -152,7 +158,10 @@ export class LeaseClock {
 
   /** Loses the lease now if the deadline has passed; whether it has ended. */
   check(): boolean {
-    if (!this.#ended && performance.now() >= this.#deadline) this.lose(this.#options.expired);
+    if (!this.#ended && performance.now() >= this.#deadline) {
+      const why = this.#why;
+      this.lose(why === undefined ? this.#options.expired : `${this.#options.expired} (${why})`);
+    }
     return this.#ended;
   }
 
@@ -215,12 +224,13 @@ export class LeaseClock {
     try {
       result = await renew();
     } catch {
-      result = { ok: false };
+      result = { ok: false }; // (its message is not known to be free of secrets)
     }
     this.#renewing = false;
     if (this.#ended) return;
     if ("lost" in result) return this.lose(result.lost);
     if (result.ok) this.#deadline = Math.max(this.#deadline, result.deadline);
+    this.#why = result.ok ? undefined : result.why;
     if (scheduled && this.#renewAt !== Infinity) {
       this.#renewAt = performance.now() + (result.ok ? this.#options.period : this.#options.retry);
     }

@@ -660,7 +660,9 @@ class Session {
     for (;;) {
       const sentAt = performance.now();
       const left = this.#clock.deadline - sentAt;
-      if (left <= 0 || this.#clock.ended) return { ok: false };
+      if (left <= 0 || this.#clock.ended) {
+        return { ok: false, why: "the last keepalives were not answered in time" };
+      }
       try {
         // A keepalive sent to a member that hangs (no leader during an
         // election) must not use up the lease: give up on it after a sixth of
@@ -673,7 +675,10 @@ class Session {
         return { ok: true, deadline: sentAt + ttl * 1000 };
       } catch (error) {
         // Anything but a keepalive left unanswered: the clock's retry.
-        if (!(error instanceof DeadlineError)) return { ok: false };
+        if (!(error instanceof DeadlineError)) {
+          // (A keepalive's error carries no credential.)
+          return { ok: false, why: `the last keepalive failed: ${scrub(error, []).message}` };
+        }
       }
     }
   }

@@ -44,6 +44,16 @@ describe("LeaseClock", () => {
     assert.ok(events.filter((e) => e === "failed").length >= 5, events.join(","));
   });
 
+  it("says in the loss why the last renewal before the deadline was not confirmed", async () => {
+    const { clock, events } = scripted([
+      () => ({ ok: false, why: "the first went unanswered" }),
+      () => ({ ok: true, deadline: performance.now() + 60 }),
+      () => ({ ok: false, why: "0 of 1 replicas acknowledged" }),
+    ], { ttl: 150 });
+    await until(() => clock.ended, 1_000, "the loss");
+    assert.equal(events.at(-1), "lost: ran out (0 of 1 replicas acknowledged)");
+  });
+
   it("loses the lease at once when the server refuses a renewal", async () => {
     const { clock, events } = scripted([
       () => ({ ok: true, deadline: performance.now() + 200 }),

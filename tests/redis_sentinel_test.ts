@@ -127,6 +127,23 @@ describe("redis backend on a Sentinel-managed primary through New()", () => {
     await lease.release();
     await locker.close();
   });
+
+  it("loses a lease held with waitReplicas: 1 once the replica stops acknowledging, and says so", async () => {
+    const locker = sentinel({ waitReplicas: 1, ttl: 1_000 });
+    const lease = await locker.lock(prefix("unacknowledged"));
+    const replica = setup.replica;
+    replica.child!.signal("SIGSTOP");
+    try {
+      await until(() => lease.signal.aborted, 3_000, "the loss");
+    } finally {
+      replica.child!.signal("SIGCONT");
+    }
+    assert.match(
+      String(lease.signal.reason),
+      /its 1000 ms lease ran out before a renewal was confirmed \(the last renewal reached fewer than 1 replicas within \d+ ms\)$/,
+    );
+    await locker.close();
+  });
 });
 
 describe("Sentinels that require a password", () => {

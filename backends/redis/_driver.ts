@@ -701,15 +701,27 @@ class HeldLock implements Grant {
     type Reply = "renewed" | "refused" | "missing" | "failed";
     const count = (replies: (Reply | undefined)[], ...which: Reply[]) =>
       replies.filter((r) => r !== undefined && which.includes(r)).length;
+    // What the loss says if no renewal is confirmed before the deadline.
+    let why: string | undefined;
+    const waitMs = waitWithin(clock.deadline);
     const { calls, answers } = instances.each<Reply>("", [], [], {
       // Batched with the other renewals of this pass. A renewal that the
       // replicas do not have would not survive a failover: not confirmed
       // ("unacknowledged"), and the deadline decides.
-      call: (instance) =>
-        instances.renew(instance, keys.lock, token, ttl, waitReplicas, waitWithin(clock.deadline)),
-      read: (reply) =>
-        reply === 1 ? "renewed" : reply === -1 ? "missing" : reply === 0 ? "refused" : "failed",
-      failed: () => "failed",
+      call: (instance) => instances.renew(instance, keys.lock, token, ttl, waitReplicas, waitMs),
+      read: (reply) => {
+        if (reply === 1) return "renewed";
+        if (reply === -1) return "missing";
+        if (reply === 0) return "refused";
+        why = `the last renewal reached fewer than ${waitReplicas} replicas within ${
+          Math.floor(waitMs)
+        } ms`;
+        return "failed";
+      },
+      failed: (error) => {
+        why = `the last renewal failed: ${instances.detail(error, token)}`;
+        return "failed";
+      },
       // Past the lease's deadline no answer can save it.
       bound: clock.deadline - sent,
       decided: (so) =>
@@ -720,7 +732,9 @@ class HeldLock implements Grant {
     if (list.length - count(replies, "refused", "missing") < quorum) {
       return { lost: "its key was deleted or taken over" };
     }
-    if (count(replies, "renewed") < quorum) return { ok: false };
+    if (count(replies, "renewed") < quorum) {
+      return { ok: false, why: why ?? "the last renewal was not answered in time" };
+    }
     // Held on a quorum: put the key back on the minority that lost it, or
     // every waiter's attempt would take it there and give it back. Such an
     // instance may answer after the quorum did: wait for each answer.
