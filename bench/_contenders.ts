@@ -16,6 +16,7 @@ import { Redis } from "ioredis";
 import { Mutex } from "redis-semaphore";
 import { ExecutionError, Redlock } from "@sesamecare-oss/redlock";
 import { type Locker, New } from "../mod.ts";
+import { ACQUIRE, keysOf, RELEASE } from "../backends/redis/_scripts.ts";
 
 /** A held lock of any contender. */
 export interface Held {
@@ -34,7 +35,7 @@ export interface Contender {
 
 /** The contenders of one backend, by short name, in table order. */
 export const CONTENDERS = {
-  redis: ["floor", "ours", "redis-semaphore", "redlock", "redlock-10ms"],
+  redis: ["floor", "scripts", "ours", "redis-semaphore", "redlock", "redlock-10ms"],
   etcd: ["floor", "ours", "etcd3-lock"],
 } as const;
 
@@ -44,6 +45,7 @@ export type BenchBackend = keyof typeof CONTENDERS;
 /** What each short name stands for, as the tables print it. */
 export const LABELS: Record<string, string> = {
   floor: "raw-client floor",
+  scripts: "our two scripts on raw ioredis (no library)",
   ours: "@genesis/lock",
   "redis-semaphore": "redis-semaphore Mutex",
   redlock: "@sesamecare-oss/redlock (defaults)",
@@ -75,6 +77,55 @@ function redisFloor(endpoint: string): Contender {
   };
   return {
     name: "floor",
+    lock: async (key) => {
+      for (;;) {
+        const held = await tryLock(key);
+        if (held) return held;
+      }
+    },
+    tryLock,
+    close: async () => void await redis.quit(),
+  };
+}
+
+type ScriptsRedis = Redis & {
+  ourAcquire(lock: string, fence: string, token: string, ttl: number): Promise<number>;
+  ourRelease(...args: (string | number)[]): Promise<number>;
+};
+
+/**
+ * Our own acquire and release scripts on a raw ioredis client, by SHA, with
+ * the arguments our uncontended path sends (a fenced grant; a release that
+ * would hand the lock to the queue's first waiter): what the protocol costs
+ * with no library layer, so the gap from the floor splits into the
+ * protocol's share and the library's. It never waits: under contention it
+ * retries at once, as the floor does.
+ */
+function redisScripts(endpoint: string): Contender {
+  const redis = redisClient(endpoint) as ScriptsRedis;
+  redis.defineCommand("ourAcquire", { numberOfKeys: 2, lua: ACQUIRE });
+  redis.defineCommand("ourRelease", { numberOfKeys: 3, lua: RELEASE });
+  const tryLock = async (name: string): Promise<Held | undefined> => {
+    const keys = keysOf(name);
+    const token = crypto.randomUUID();
+    if (!(await redis.ourAcquire(keys.lock, keys.fence, token, TTL_MS) > 0)) return undefined;
+    return {
+      release: async () =>
+        void await redis.ourRelease(
+          keys.lock,
+          keys.queue,
+          keys.fence,
+          token,
+          keys.channel,
+          "",
+          TTL_MS,
+          "q",
+          "",
+        ),
+    };
+  };
+  return {
+    name: "scripts",
     lock: async (key) => {
       for (;;) {
         const held = await tryLock(key);
@@ -232,6 +283,8 @@ export function open(
   switch (`${backend}/${name}`) {
     case "redis/floor":
       return Promise.resolve(redisFloor(endpoint));
+    case "redis/scripts":
+      return Promise.resolve(redisScripts(endpoint));
     case "etcd/floor":
       return etcdFloor(endpoint);
     case "redis/ours":

@@ -824,6 +824,11 @@ const BOUNDS = `## What bounds each figure
   beforehand and a delete fenced by the put's revision. Under contention a floor retries at
   once, with no wait and no notification: the fastest a polling lock could go, and the most load
   it could put on the server.
+- **our two scripts on raw ioredis**: our acquire script (a fenced grant: \`SET NX PX\` and the
+  counter's \`INCR\` in one call) and our release script (which would hand the lock to a queued
+  waiter), by SHA on a bare ioredis client, with no library layer and no waiting. Its *× floor*
+  is what the protocol costs beside the floor's unfenced \`SET\`; *ours ÷ it* is what the library
+  layer costs beside the protocol.
 - **ours ÷ it**: @genesis/lock's rate over that contender's; above 1 means ours is faster.
 - **client CPU µs/cycle**: user+system CPU of the measuring processes during the window
   (\`process.cpuUsage()\`), over cycles; it includes the client library and the runtime.
