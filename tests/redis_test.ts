@@ -170,6 +170,45 @@ describe("redis backend", () => {
       }
     });
 
+    it("takes its place in the queue in one script when its process waited for the key just before", async () => {
+      const name = prefix("again");
+      const [a, b] = [own(), own()];
+      /** Scripts the server has run so far (by SHA or by text). */
+      const scripts = async () => {
+        const stats = await probe.info("commandstats");
+        return [...stats.matchAll(/^cmdstat_eval(?:sha)?:calls=(\d+)/gm)]
+          .reduce((sum, m) => sum + Number(m[1]), 0);
+      };
+      try {
+        const first = await a.locker.lock(name);
+        const second = b.locker.lock(name); // b waits: a plain attempt, then in the queue
+        await until(async () => await queued(name) === 1, 5_000, "b in the queue");
+        await first.release();
+        const handed = await within(second, 4_000, undefined);
+        assert.ok(handed, "b waited for its 5 s poll");
+        assert.equal(handed.token, first.token + 1n);
+        // b waited for this key a moment ago: asked for it again while a
+        // holds it, it takes its place in the queue at once.
+        const third = a.locker.lock(name);
+        await until(async () => await queued(name) === 1, 5_000, "a in the queue");
+        await handed.release();
+        const again = await within(third, 4_000, undefined);
+        assert.ok(again, "a waited for its 5 s poll");
+        const before = await scripts();
+        const fourth = b.locker.lock(name);
+        await until(async () => await queued(name) === 1, 5_000, "b in the queue again");
+        assert.equal(await scripts() - before, 1, "scripts to queue b again");
+        await again.release();
+        const last = await within(fourth, 4_000, undefined);
+        assert.ok(last, "b waited for its 5 s poll");
+        assert.equal(last.token, first.token + 3n);
+        await last.release();
+        assert.equal(await queued(name), 0);
+      } finally {
+        await Promise.all([a.close(), b.close()]);
+      }
+    });
+
     it("lets the process exit by itself after close()", async () => {
       await assertExitsAfterClose({ backend: "redis", endpoints: [server.endpoint] }, "exit");
     });

@@ -111,6 +111,11 @@ export class Subscriptions {
     this.#pending.clear();
   }
 
+  /** Whether some waiter listens on `channel`, or did within the last second. */
+  listening(channel: string): boolean {
+    return this.#listeners.has(channel) || this.#idle.has(channel);
+  }
+
   /**
    * Calls `listener` on every message on `channel` until `remove()`.
    * `ready` resolves once Redis has confirmed the subscription (or failed
