@@ -162,7 +162,9 @@ export class RedisDriver implements Driver {
   /** Whether a waiter of this process listens for hand-offs of `keys`' lock, or did lately. */
   #waitedFor(keys: ReturnType<typeof keysOf>): boolean {
     const instances = this.#instances;
-    return instances.list[0].subscriptions.listening(handOffChannel(keys, instances));
+    const subscriptions = instances.list[0].subscriptions;
+    // Uncontended, nothing is subscribed: no channel name to build.
+    return !subscriptions.quiet && subscriptions.listening(handOffChannel(keys, instances));
   }
 
   /**

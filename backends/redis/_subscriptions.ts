@@ -111,6 +111,11 @@ export class Subscriptions {
     this.#pending.clear();
   }
 
+  /** Whether no waiter listens on any channel, or did within the last second. */
+  get quiet(): boolean {
+    return this.#listeners.size === 0 && this.#idle.size === 0;
+  }
+
   /** Whether some waiter listens on `channel`, or did within the last second. */
   listening(channel: string): boolean {
     return this.#listeners.has(channel) || this.#idle.has(channel);
