@@ -569,7 +569,9 @@ class HeldLease implements Lease {
     if (this.#released !== undefined || this.#ended) return undefined;
     const grant = this.#grant;
     this.#released = given.then(() => {}, () => {}).finally(() => this.#end());
-    if (grant.loss.lost) return undefined;
+    // A lease whose deadline passed unnoticed (a stall kept its timer from
+    // running) was lost, not closed: it says so, and nothing is sent for it.
+    if (lostAlready(grant)) return undefined;
     this.#abort(new LockClosedError(`Lost lock ${JSON.stringify(this.key)}`));
     return grant;
   }

@@ -247,8 +247,13 @@ async function runScale(job: Job): Promise<Outcome> {
     : undefined;
   if (!cluster) {
     // Reuse: lockers with one config share one client, so one connection.
+    // They take the default ttl: a thousand lockers starting at once on a
+    // busy pinned core can take longer than the scale run's short lease to
+    // acquire (their locks are then rightly lost), and what this counts is
+    // connections, not renewals.
     const idle = serverConnections(job.endpoint);
-    const lockers: Locker[] = Array.from({ length: scale.lockers }, () => New(options));
+    const reuse = { backend: job.backend, endpoints: [job.endpoint] };
+    const lockers: Locker[] = Array.from({ length: scale.lockers }, () => New(reuse));
     await Promise.all(lockers.map(async (l, i) => {
       const lease = await l.tryLock(keyOf("ours", `${job.run}/reuse/${i}`));
       await lease?.release();

@@ -327,6 +327,21 @@ export function conformance(target: ConformanceTarget): void {
       await until(async () => (await target.leftovers(other)) === 0, 5_000, "no leftovers");
     });
 
+    it("close() after a stall that outlasted a lease resolves and reports the lease lost", async () => {
+      const a = make({ ttl: target.shortTtl, autoRenew: false });
+      const key = `${prefix()}/stall`;
+      const lease = await a.lock(key);
+      // A long synchronous computation: no timer runs, so nothing has yet
+      // noticed that the lease's deadline passed when close() looks.
+      const end = performance.now() + target.shortTtl + 50;
+      while (performance.now() < end) { /* the stall */ }
+      await a.close();
+      assert.ok(lease.signal.reason instanceof LockLostError, String(lease.signal.reason));
+      const next = await make().lock(key, { timeout: 5_000 });
+      assert.ok(next.token > lease.token);
+      await next.release();
+    });
+
     it("close() during withLock() work aborts the lease's signal first, and withLock() rejects", async () => {
       const [a, b] = [make(), make()];
       const key = `${prefix()}/closework`;
