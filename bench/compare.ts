@@ -139,6 +139,36 @@ function smoke(args: { smoke: boolean; seconds: number; rounds: number }): boole
   return args.smoke || args.seconds * args.rounds < 10;
 }
 
+/**
+ * The CPU time the hypervisor gave other guests ("steal", /proc/stat) and
+ * all CPU time, in ticks, of CPU 0 when pinned or of every CPU; undefined
+ * where /proc/stat is not there. On a shared host, stolen time slows every
+ * figure of a window alike, and runs with much of it are not comparable
+ * with quiet ones.
+ */
+function cpuTicks(pinned: boolean): { steal: number; total: number } | undefined {
+  try {
+    const name = pinned ? "cpu0" : "cpu";
+    const row = readFileSync("/proc/stat", "utf8").split("\n")
+      .find((l) => l.startsWith(`${name} `));
+    if (row === undefined) return undefined;
+    const fields = row.trim().split(/\s+/).slice(1).map(Number);
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    return { steal: fields[7] ?? 0, total: fields.slice(0, 8).reduce((a, b) => a + b, 0) };
+  } catch {
+    return undefined;
+  }
+}
+
+/** The share of `to - from` that was stolen, in %. */
+function stolenShare(
+  from?: { steal: number; total: number },
+  to?: { steal: number; total: number },
+): number | undefined {
+  if (from === undefined || to === undefined || to.total <= from.total) return undefined;
+  return (100 * (to.steal - from.steal)) / (to.total - from.total);
+}
+
 /** Pins `pid` (every thread) to CPU 0, or to every CPU when unpinned; false without taskset. */
 function pin(pid: number, pinned: boolean): boolean {
   const cpusList = pinned ? "0" : `0-${cpus().length - 1}`;
@@ -464,6 +494,8 @@ async function main(): Promise<void> {
   progressTotal = plan.length;
 
   const dir = mkdtempSync(join(tmpdir(), "genesis-lock-compare-"));
+  const runTicks = cpuTicks(args.pinned);
+  const stepSteal: number[] = [];
   const rows: Row[] = [];
   const failures: string[] = [];
   const serverVersions: Record<string, string> = {};
@@ -479,6 +511,7 @@ async function main(): Promise<void> {
             `${step.backend}${data === "disk" ? "" : ` (${data})`} ${step.runtime} ` +
               `${step.scenario}: ${LABELS[step.contender]}`,
           );
+          const stepTicks = cpuTicks(args.pinned);
           try {
             const row = await measure(
               args,
@@ -490,6 +523,8 @@ async function main(): Promise<void> {
               dir,
             );
             rows.push({ ...row, data });
+            const stolen = stolenShare(stepTicks, cpuTicks(args.pinned));
+            if (stolen !== undefined) stepSteal.push(stolen);
           } catch (error) {
             // One failed measurement is reported, and the run goes on.
             const message = String((error as Error)?.message ?? error).slice(0, 1_000);
@@ -508,7 +543,15 @@ async function main(): Promise<void> {
   }
   if (process.stderr.isTTY) process.stderr.write("\n");
 
-  const report = renderReport(args, medians(rows), serverVersions, pinning, failures);
+  const stolen = stolenShare(runTicks, cpuTicks(args.pinned));
+  const steal = stolen === undefined
+    ? "not known (no /proc/stat)"
+    : `${fmt(stolen, 1)} % of ${args.pinned ? "CPU 0's" : "the CPUs'"} time over the run` +
+      (stepSteal.length === 0 ? " " : `, ${fmt(Math.min(...stepSteal), 1)}–` +
+        `${fmt(Math.max(...stepSteal), 1)} % per measurement `) +
+      "(/proc/stat `steal`: time the host gave other guests; it slows every figure of a window " +
+      "alike, so compare rows of one run, not runs)";
+  const report = renderReport(args, medians(rows), serverVersions, pinning, failures, steal);
   const svg = args.out.replace(/\.md$/, "") + ".svg";
   writeFileSync(args.out, report.markdown);
   writeFileSync(svg, report.svg);
@@ -562,6 +605,7 @@ function renderReport(
   serverVersions: Record<string, string>,
   pinning: string,
   failures: string[],
+  steal: string,
 ): { markdown: string; svg: string } {
   const out: string[] = [];
   const line = (s = "") => out.push(s);
@@ -586,6 +630,7 @@ function renderReport(
   line(`- Date: ${new Date().toISOString()}`);
   line(`- Command: \`${["compare.ts", ...process.argv.slice(2)].join(" ")}\``);
   line(`- CPU: ${pinning}`);
+  line(`- CPU stolen by the hypervisor: ${steal}`);
   line(
     `- Machine: ${cpus().length} × ${cpus()[0]?.model ?? "unknown CPU"}, ` +
       `${fmt(totalmem() / 2 ** 30, 1)} GiB, Linux ${release()}`,
