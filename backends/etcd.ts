@@ -335,6 +335,8 @@ class Calls {
   readonly #slots: Slots;
   /** Aborted by the driver's close(): no request is retried after it. */
   readonly #stopped = new AbortController();
+  /** The keepalive stream kept open for each renewing session's lease. */
+  readonly #kept = new Map<string, KeptStream>();
 
   constructor(client: Etcd3, timeout: number, username = "", password = "") {
     this.client = client;
@@ -349,6 +351,7 @@ class Calls {
   /** Retries nothing from now on (the driver closed): a retry would outlive close(). */
   stop(): void {
     this.#stopped.abort();
+    for (const id of [...this.#kept.keys()]) this.forgetStream(id);
   }
 
   /** Wraps a failure in a typed error that names `action` and holds no secret. */
@@ -417,11 +420,12 @@ class Calls {
    * overloaded) is tried again at once, through whichever member comes up,
    * within the same `within`: npm:etcd3 no longer keeps it out for us.
    */
-  async keepalive(id: string, within: number): Promise<number> {
+  async keepalive(id: string, within: number, keep = false): Promise<number> {
     const deadline = performance.now() + within;
     for (let attempt = 0;; attempt++) {
       try {
-        return await this.#keepaliveOnce(id, Math.max(1, deadline - performance.now()));
+        const left = Math.max(1, deadline - performance.now());
+        return await (keep ? this.#keepaliveKept(id, left) : this.#keepaliveOnce(id, left));
       } catch (error) {
         const pause = Math.random() * Math.min(250, 10 * 2 ** attempt);
         if (!transient(error) || performance.now() + pause >= deadline) throw error;
@@ -431,9 +435,78 @@ class Calls {
     }
   }
 
+  /**
+   * One keepalive round trip on the stream kept open for lease `id` (opened
+   * by the first round): a renewing session sends every keepalive on one
+   * stream, not a stream each. Replies come in the order of the writes. A
+   * round left unanswered within `within` ms gives the stream up (etcd may
+   * be holding it on a member without a leader); the next round opens
+   * another, through whichever member answers.
+   */
+  async #keepaliveKept(id: string, within: number): Promise<number> {
+    const kept = this.#keptStream(id);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const error = new DeadlineError(`etcd is unreachable: no answer within ${within} ms`);
+        this.#dropStream(id, kept, error);
+        reject(error);
+      }, within);
+    });
+    const reply = kept.opening.then((stream) =>
+      new Promise<number>((resolve, reject) => {
+        if (this.#kept.get(id) !== kept) return reject(new Error("keepalive stream closed"));
+        kept.waiting.push({ resolve, reject });
+        stream.write({ ID: id });
+      })
+    );
+    reply.catch(() => {});
+    try {
+      return await Promise.race([reply, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The stream kept open for lease `id`, opened now if there is none. */
+  #keptStream(id: string): KeptStream {
+    const open = this.#kept.get(id);
+    if (open !== undefined) return open;
+    const kept: KeptStream = { opening: undefined!, waiting: [] };
+    this.#kept.set(id, kept);
+    kept.opening = this.client.leaseClient.leaseKeepAlive().then((stream) => {
+      if (this.#kept.get(id) !== kept) {
+        // Given up on (or forgotten) while it opened: nothing may keep it open.
+        endStream(stream);
+        throw new Error("keepalive stream closed");
+      }
+      kept.stream = stream;
+      stream.on("data", (response) => kept.waiting.shift()?.resolve(Number(response.TTL)));
+      stream.on("error", (error: unknown) => this.#dropStream(id, kept, error));
+      stream.on("end", () => this.#dropStream(id, kept, new Error("keepalive stream ended")));
+      return stream;
+    });
+    kept.opening.catch((error) => this.#dropStream(id, kept, error));
+    return kept;
+  }
+
+  /** Ends `kept` and fails the rounds waiting on it; the next round opens another. */
+  #dropStream(id: string, kept: KeptStream, error: unknown): void {
+    if (this.#kept.get(id) === kept) this.#kept.delete(id);
+    endStream(kept.stream);
+    kept.stream = undefined;
+    for (const waiter of kept.waiting.splice(0)) waiter.reject(error);
+  }
+
+  /** Ends the stream kept for lease `id`, if any: the lease is gone or renewed no more. */
+  forgetStream(id: string): void {
+    const kept = this.#kept.get(id);
+    if (kept !== undefined) this.#dropStream(id, kept, new Error("keepalive stream closed"));
+  }
+
   async #keepaliveOnce(id: string, within: number): Promise<number> {
     let timer: ReturnType<typeof setTimeout> | undefined;
-    let stream: Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>> | undefined;
+    let stream: KeepaliveStream | undefined;
     let ended = false;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
@@ -465,6 +538,16 @@ class Calls {
       endStream(stream);
     }
   }
+}
+
+/** npm:etcd3's keepalive stream. */
+type KeepaliveStream = Awaited<ReturnType<Etcd3["leaseClient"]["leaseKeepAlive"]>>;
+
+/** A keepalive stream kept open between one lease's rounds, and the rounds waiting on it, oldest first. */
+interface KeptStream {
+  opening: Promise<KeepaliveStream>;
+  stream?: KeepaliveStream;
+  waiting: { resolve(ttl: number): void; reject(error: unknown): void }[];
 }
 
 /** A key a session must still delete (see `Session.orphan`). */
@@ -552,6 +635,7 @@ class Session {
   }
 
   #lose(detail: unknown) {
+    this.#calls.forgetStream(this.id);
     this.#controller.abort(detail);
     const holders = [...this.#holders];
     this.#holders.clear();
@@ -593,6 +677,7 @@ class Session {
     this.#renewing = false;
     this.#clock.stopRenewing();
     if (refresh) await this.#clock.renewNow();
+    this.#calls.forgetStream(this.id);
   }
 
   /**
@@ -670,7 +755,7 @@ class Session {
         // answers, for as long as the lease lasts. Waiting the clock's retry
         // between such tries left a 3 s lease two tries in a 1.5 s election.
         const within = Math.min(left, Math.max(this.ttl / 6, 250));
-        const ttl = await this.#calls.keepalive(this.id, Math.max(1, within));
+        const ttl = await this.#calls.keepalive(this.id, Math.max(1, within), this.#renewing);
         if (ttl <= 0) return { lost: "the lease expired on the server" };
         return { ok: true, deadline: sentAt + ttl * 1000 };
       } catch (error) {

@@ -25,6 +25,24 @@ async function queue(name: string): Promise<{ key: string; rev: bigint; lease: s
 
 const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 
+/** The LeaseKeepAlive streams etcd started and the keepalive messages it received, on every member. */
+async function keepaliveCounts(
+  endpoints: string[],
+): Promise<{ streams: number; messages: number }> {
+  let streams = 0;
+  let messages = 0;
+  for (const endpoint of endpoints) {
+    const text = await (await fetch(`http://${endpoint}/metrics`)).text();
+    for (const line of text.split("\n")) {
+      if (!line.includes('grpc_method="LeaseKeepAlive"')) continue;
+      const value = Number(line.slice(line.lastIndexOf(" ") + 1));
+      if (line.startsWith("grpc_server_started_total{")) streams += value;
+      else if (line.startsWith("grpc_server_msg_received_total{")) messages += value;
+    }
+  }
+  return { streams, messages };
+}
+
 describe("etcd backend", () => {
   before(async () => {
     cluster = await EtcdCluster.start();
@@ -261,6 +279,21 @@ describe("etcd backend", () => {
       const lease = await b.lock(name);
       assert.ok(lease, "closing one locker left the shared client open for the other");
       await b.close();
+    });
+
+    it("sends a renewing session's keepalives on one stream, not a stream each", async () => {
+      // A 1 s lease: a keepalive every third of a second.
+      const locker = New({ endpoints: cluster.endpoints, ttl: 1_000 });
+      const lease = await locker.lock(prefix("stream"));
+      const start = await keepaliveCounts(cluster.endpoints);
+      await sleep(2_000);
+      const end = await keepaliveCounts(cluster.endpoints);
+      assert.equal(lease.signal.aborted, false);
+      const messages = end.messages - start.messages;
+      const streams = end.streams - start.streams;
+      assert.ok(messages >= 4, `${messages} keepalives in 2 s`);
+      assert.ok(streams <= 1, `${streams} keepalive streams opened for ${messages} keepalives`);
+      await locker.close();
     });
   });
 
