@@ -245,6 +245,26 @@ describe("redis close() while Redis is stalled", () => {
     }
   });
 
+  it("status() rejects with a LockConnectionError within dialTimeout while Redis is stalled", async () => {
+    const server = await RedisServer.start();
+    const locker = New({ backend: "redis", endpoints: [server.endpoint], dialTimeout: 500 });
+    const name = prefix("stalled-status");
+    try {
+      assert.ok(await reconnected(locker, name), "connected before the stall");
+      server.child!.signal("SIGSTOP");
+      const started = performance.now();
+      const outcome = await within(locker.status(name).catch((e) => e), 3_000, "still pending");
+      const elapsed = performance.now() - started;
+      assert.ok(outcome instanceof LockConnectionError, inspect(outcome));
+      assert.match(outcome.message, /did not answer within 500 ms/);
+      assert.ok(elapsed < 1_500, `status() gave up after ${elapsed.toFixed(0)} ms`);
+    } finally {
+      server.child?.signal("SIGCONT");
+      await locker.close().catch(() => {});
+      await server.stop();
+    }
+  });
+
   it("still ends close() within its bound when Redis stays stalled", async () => {
     const server = await RedisServer.start();
     const locker = New({ backend: "redis", endpoints: [server.endpoint], ttl: 30_000 });

@@ -92,7 +92,7 @@ function releaseArgs(
 /** The Redis driver: acquisitions, renewals and releases on one or several instances. */
 export class RedisDriver implements Driver {
   readonly #instances: Instances;
-  readonly #settings: LeaseSettings;
+  readonly #settings: LeaseSettings & { dialTimeout?: number };
   readonly #onClose: () => Promise<void>;
   /**
    * Whether waiters queue on the server and a release hands the lock to the
@@ -103,7 +103,7 @@ export class RedisDriver implements Driver {
 
   constructor(
     instances: Instances,
-    settings: LeaseSettings,
+    settings: LeaseSettings & { dialTimeout?: number },
     onClose: () => Promise<void>,
   ) {
     this.#instances = instances;
@@ -642,7 +642,8 @@ export class RedisDriver implements Driver {
   }
 
   status(name: string): Promise<LockStatus> {
-    return readStatus(this.#instances, name);
+    // Bounded like a connection: a stalled instance must not hang the read.
+    return readStatus(this.#instances, name, this.#settings.dialTimeout ?? DEFAULT_READ_BOUND);
   }
 
   async close(): Promise<void> {
@@ -834,20 +835,23 @@ class HeldLock implements Grant {
   }
 }
 
+/** How long `status()` waits for an instance when no `dialTimeout` was given, in ms (its default). */
+const DEFAULT_READ_BOUND = 5_000;
+
 /**
  * Who holds the lock `name`: held where a quorum has its key; the token is
  * the fencing counter (the holder's, since each grant increments it), the
  * time left the shortest PTTL among the instances that hold it.
  */
-async function readStatus(instances: Instances, name: string): Promise<LockStatus> {
+async function readStatus(instances: Instances, name: string, bound: number): Promise<LockStatus> {
   const keys = keysOf(name);
   const action = `Cannot read the status of lock ${JSON.stringify(name)}`;
   const answers = await Promise.all(instances.list.map(async (instance) => {
     try {
-      const [pttl, fence] = await instances.run(instance, STATUS, [keys.lock, keys.fence], []) as [
-        number,
-        string,
-      ];
+      const call = instances.run(instance, STATUS, [keys.lock, keys.fence], []);
+      const reply = await instances.within(call, bound);
+      if (reply === SILENT) return { error: new Silence(bound).fail(action, instance.name) };
+      const [pttl, fence] = reply as [number, string];
       return { pttl, fence: BigInt(fence) };
     } catch (error) {
       return { error: instances.error(error, action, instance.name) };
