@@ -420,12 +420,11 @@ class Calls {
    * overloaded) is tried again at once, through whichever member comes up,
    * within the same `within`: npm:etcd3 no longer keeps it out for us.
    */
-  async keepalive(id: string, within: number, keep = false): Promise<number> {
+  async keepalive(id: string, within: number): Promise<number> {
     const deadline = performance.now() + within;
     for (let attempt = 0;; attempt++) {
       try {
-        const left = Math.max(1, deadline - performance.now());
-        return await (keep ? this.#keepaliveKept(id, left) : this.#keepaliveOnce(id, left));
+        return await this.#keepaliveKept(id, Math.max(1, deadline - performance.now()));
       } catch (error) {
         const pause = Math.random() * Math.min(250, 10 * 2 ** attempt);
         if (!transient(error) || performance.now() + pause >= deadline) throw error;
@@ -437,8 +436,8 @@ class Calls {
 
   /**
    * One keepalive round trip on the stream kept open for lease `id` (opened
-   * by the first round): a renewing session sends every keepalive on one
-   * stream, not a stream each. Replies come in the order of the writes. A
+   * by the first round): a session sends every keepalive on one stream, not
+   * a stream each, and ends it once it renews no more (`forgetStream`). Replies come in the order of the writes. A
    * round left unanswered within `within` ms gives the stream up (etcd may
    * be holding it on a member without a leader); the next round opens
    * another, through whichever member answers.
@@ -502,41 +501,6 @@ class Calls {
   forgetStream(id: string): void {
     const kept = this.#kept.get(id);
     if (kept !== undefined) this.#dropStream(id, kept, new Error("keepalive stream closed"));
-  }
-
-  async #keepaliveOnce(id: string, within: number): Promise<number> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    let stream: KeepaliveStream | undefined;
-    let ended = false;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new DeadlineError(`etcd is unreachable: no answer within ${within} ms`)),
-        within,
-      );
-    });
-    const reply = (async () => {
-      const opened = await this.client.leaseClient.leaseKeepAlive();
-      if (ended) {
-        // Opened after the round trip gave up: nothing may keep it open.
-        endStream(opened);
-        return 0;
-      }
-      stream = opened;
-      return await new Promise<number>((resolve, reject) => {
-        opened.on("data", (response) => resolve(Number(response.TTL)));
-        opened.on("error", reject);
-        opened.on("end", () => reject(new Error("keepalive stream ended")));
-        opened.write({ ID: id });
-      });
-    })();
-    reply.catch(() => {});
-    try {
-      return await Promise.race([reply, timeout]);
-    } finally {
-      ended = true;
-      clearTimeout(timer);
-      endStream(stream);
-    }
   }
 }
 
@@ -755,7 +719,7 @@ class Session {
         // answers, for as long as the lease lasts. Waiting the clock's retry
         // between such tries left a 3 s lease two tries in a 1.5 s election.
         const within = Math.min(left, Math.max(this.ttl / 6, 250));
-        const ttl = await this.#calls.keepalive(this.id, Math.max(1, within), this.#renewing);
+        const ttl = await this.#calls.keepalive(this.id, Math.max(1, within));
         if (ttl <= 0) return { lost: "the lease expired on the server" };
         return { ok: true, deadline: sentAt + ttl * 1000 };
       } catch (error) {

@@ -264,6 +264,28 @@ export interface EtcdOptions {
   tls?: { cert: string; key: string; ca: string; clientCertAuth?: boolean };
 }
 
+/**
+ * One reading of etcd's /metrics on every member in `endpoints`: the sum of
+ * counter `name` over the series whose labels include `label`.
+ */
+export async function etcdMetrics(
+  endpoints: string[],
+): Promise<(name: string, label: string) => number> {
+  const texts = await Promise.all(
+    endpoints.map(async (endpoint) => await (await fetch(`http://${endpoint}/metrics`)).text()),
+  );
+  const lines = texts.flatMap((text) => text.split("\n"));
+  return (name, label) => {
+    let total = 0;
+    for (const line of lines) {
+      if (line.startsWith(`${name}{`) && line.includes(label)) {
+        total += Number(line.slice(line.lastIndexOf(" ") + 1));
+      }
+    }
+    return total;
+  };
+}
+
 /** A test etcd cluster on loopback. */
 export class EtcdCluster implements AsyncDisposable {
   readonly members: EtcdMember[];

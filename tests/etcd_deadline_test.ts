@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { inspect } from "node:util";
 import { Etcd3 } from "etcd3";
 import { LockTimeoutError, New } from "../mod.ts";
-import { EtcdCluster, runScript } from "./_servers.ts";
+import { EtcdCluster, etcdMetrics, runScript } from "./_servers.ts";
 import { TcpProxy } from "./_proxy.ts";
 import { prefix, sleep, until, within } from "./_util.ts";
 
@@ -213,30 +213,16 @@ describe("etcd: close() while the session's lease grant is in flight", () => {
   });
 });
 
-/** etcd's count of unary requests it has started and not yet answered, from its /metrics. */
+/** etcd's count of unary requests it has started and not yet answered, from one reading. */
 async function unaryInFlight(endpoint: string): Promise<number> {
-  const text = await (await fetch(`http://${endpoint}/metrics`)).text();
-  let started = 0;
-  let handled = 0;
-  for (const line of text.split("\n")) {
-    if (!line.includes('grpc_type="unary"')) continue;
-    const value = Number(line.slice(line.lastIndexOf(" ") + 1));
-    if (line.startsWith("grpc_server_started_total{")) started += value;
-    else if (line.startsWith("grpc_server_handled_total{")) handled += value;
-  }
-  return started - handled;
+  const metric = await etcdMetrics([endpoint]);
+  const unary = 'grpc_type="unary"';
+  return metric("grpc_server_started_total", unary) - metric("grpc_server_handled_total", unary);
 }
 
-/** etcd's count of answered requests of one gRPC method, from its /metrics. */
+/** etcd's count of answered requests of one gRPC method. */
 async function handled(endpoint: string, method: string): Promise<number> {
-  const text = await (await fetch(`http://${endpoint}/metrics`)).text();
-  let total = 0;
-  for (const line of text.split("\n")) {
-    if (line.startsWith("grpc_server_handled_total{") && line.includes(`grpc_method="${method}"`)) {
-      total += Number(line.slice(line.lastIndexOf(" ") + 1));
-    }
-  }
-  return total;
+  return (await etcdMetrics([endpoint]))("grpc_server_handled_total", `grpc_method="${method}"`);
 }
 
 describe("etcd: bursts", () => {

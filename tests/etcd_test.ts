@@ -7,7 +7,7 @@ import { type Lease, LockClosedError, LockConnectionError, LockLostError, New } 
 import { createEtcdLocker } from "../backends/etcd.ts";
 import { conformance } from "./_conformance.ts";
 import { assertExitsAfterClose } from "./_scenarios.ts";
-import { type Child, EtcdCluster, freePort, runScript } from "./_servers.ts";
+import { type Child, EtcdCluster, etcdMetrics, freePort, runScript } from "./_servers.ts";
 import { isPending, prefix, sleep, until, within } from "./_util.ts";
 
 let cluster: EtcdCluster;
@@ -29,18 +29,12 @@ const fixture = new URL("./fixtures/holder.ts", import.meta.url).pathname;
 async function keepaliveCounts(
   endpoints: string[],
 ): Promise<{ streams: number; messages: number }> {
-  let streams = 0;
-  let messages = 0;
-  for (const endpoint of endpoints) {
-    const text = await (await fetch(`http://${endpoint}/metrics`)).text();
-    for (const line of text.split("\n")) {
-      if (!line.includes('grpc_method="LeaseKeepAlive"')) continue;
-      const value = Number(line.slice(line.lastIndexOf(" ") + 1));
-      if (line.startsWith("grpc_server_started_total{")) streams += value;
-      else if (line.startsWith("grpc_server_msg_received_total{")) messages += value;
-    }
-  }
-  return { streams, messages };
+  const metric = await etcdMetrics(endpoints);
+  const method = 'grpc_method="LeaseKeepAlive"';
+  return {
+    streams: metric("grpc_server_started_total", method),
+    messages: metric("grpc_server_msg_received_total", method),
+  };
 }
 
 describe("etcd backend", () => {

@@ -7,7 +7,7 @@ import {
   LockReplicationError,
 } from "../../errors.ts";
 import { abortable, type Driver, type Grant, type LockStatus, Loss } from "../../_locker.ts";
-import type { LeaseSettings } from "../../_options.ts";
+import type { ConnectionConfig, LeaseSettings } from "../../_options.ts";
 import { LeaseClock, type Renewal } from "../../_lease_clock.ts";
 import { errorOf, Silence, transient } from "./_errors.ts";
 import { type Instance, type Instances, SILENT } from "./_instances.ts";
@@ -92,7 +92,7 @@ function releaseArgs(
 /** The Redis driver: acquisitions, renewals and releases on one or several instances. */
 export class RedisDriver implements Driver {
   readonly #instances: Instances;
-  readonly #settings: LeaseSettings & { dialTimeout?: number };
+  readonly #settings: LeaseSettings & Pick<ConnectionConfig, "dialTimeout">;
   readonly #onClose: () => Promise<void>;
   /**
    * Whether waiters queue on the server and a release hands the lock to the
@@ -103,7 +103,7 @@ export class RedisDriver implements Driver {
 
   constructor(
     instances: Instances,
-    settings: LeaseSettings & { dialTimeout?: number },
+    settings: LeaseSettings & Pick<ConnectionConfig, "dialTimeout">,
     onClose: () => Promise<void>,
   ) {
     this.#instances = instances;
@@ -643,7 +643,7 @@ export class RedisDriver implements Driver {
 
   status(name: string): Promise<LockStatus> {
     // Bounded like a connection: a stalled instance must not hang the read.
-    return readStatus(this.#instances, name, this.#settings.dialTimeout ?? DEFAULT_READ_BOUND);
+    return readStatus(this.#instances, name, this.#settings.dialTimeout);
   }
 
   async close(): Promise<void> {
@@ -834,9 +834,6 @@ class HeldLock implements Grant {
       : this.#instances.error(error, action, where, this.#secret);
   }
 }
-
-/** How long `status()` waits for an instance when no `dialTimeout` was given, in ms (its default). */
-const DEFAULT_READ_BOUND = 5_000;
 
 /**
  * Who holds the lock `name`: held where a quorum has its key; the token is
