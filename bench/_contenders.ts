@@ -51,6 +51,7 @@ export const LABELS: Record<string, string> = {
   redlock: "@sesamecare-oss/redlock (defaults)",
   "redlock-10ms": "@sesamecare-oss/redlock (10 ms retry)",
   "etcd3-lock": "npm etcd3 Lock",
+  "go-mutex": "Go concurrency.Mutex (reference)",
 };
 
 /** The lease every contender asks for, so no one renews more than another. */

@@ -121,7 +121,7 @@ function parseRedisInfo(info: string): Counters {
   return counters;
 }
 
-function parseEtcdMetrics(text: string): Counters {
+export function parseEtcdMetrics(text: string): Counters {
   const sum = (name: string, labels = "") => {
     let total = 0;
     for (const line of text.split("\n")) {

@@ -17,7 +17,14 @@ import { join } from "node:path";
 import process from "node:process";
 import { EtcdCluster, RedisClusterServers, RedisServer } from "../tests/_servers.ts";
 import { type BenchBackend, CONTENDERS, LABELS } from "./_contenders.ts";
-import { type Counters, type Job, type Outcome, runJob, type Scenario } from "./_workload.ts";
+import {
+  type Counters,
+  type Job,
+  type Outcome,
+  parseEtcdMetrics,
+  runJob,
+  type Scenario,
+} from "./_workload.ts";
 
 const HELP = `bench/compare.ts: @genesis/lock beside its peers and the raw-client floors
 
@@ -117,6 +124,51 @@ function runtimeCommand(runtime: string): string[] {
     : [binary, script];
 }
 
+/**
+ * The reference row of the etcd tables: etcd's Go client and its
+ * `concurrency.Mutex` (bench/go/mutex.go), built for this run, offline, in
+ * GOPATH mode against Debian's golang-etcd-server-dev. Without Go or that
+ * package the row is not measured, and the report and the progress output
+ * say so.
+ */
+const GO_MUTEX = "go-mutex";
+const GO_SOURCES = "/usr/share/gocode";
+/** The scenarios the Go row runs in: every one where the peers run. */
+const GO_SCENARIOS: Scenario[] = ["single", "keys64", "one-key-8", "procs"];
+let goMutex: { binary?: string; note: string } = { note: "not asked for (no etcd scenario)" };
+
+function buildGoMutex(dir: string): { binary?: string; note: string } {
+  const install = "apt-get install golang-go golang-etcd-server-dev";
+  const go = spawnSync("go", ["version"], { encoding: "utf8" });
+  if (go.status !== 0) return { note: `not measured: no \`go\` on PATH (${install})` };
+  if (!existsSync(join(GO_SOURCES, "src/go.etcd.io/etcd/clientv3/concurrency"))) {
+    return { note: `not measured: no etcd Go client under ${GO_SOURCES} (${install})` };
+  }
+  const binary = join(dir, GO_MUTEX);
+  const build = spawnSync("go", ["build", "-o", binary, join(root, "bench/go/mutex.go")], {
+    encoding: "utf8",
+    env: {
+      ...process.env,
+      GO111MODULE: "off",
+      GOPATH: GO_SOURCES,
+      GOCACHE: join(dir, "go-cache"),
+      GOPROXY: "off",
+    },
+  });
+  if (build.status !== 0) {
+    return { note: `not measured: go build failed: ${(build.stderr || "").slice(0, 300)}` };
+  }
+  const client = spawnSync("dpkg-query", ["-W", "-f", "${Version}", "golang-etcd-server-dev"], {
+    encoding: "utf8",
+  });
+  return {
+    binary,
+    note: `${go.stdout.trim().replace(/^go version /, "")}, etcd Go client ${
+      client.status === 0 ? client.stdout.trim() : "(version unknown)"
+    } (Debian golang-etcd-server-dev), built offline in GOPATH mode`,
+  };
+}
+
 function version(command: string, args: string[]): string {
   const run = spawnSync(command, args, { encoding: "utf8" });
   return (run.stdout || run.stderr || "not found").split("\n")[0].trim();
@@ -194,7 +246,9 @@ async function child(
 ): Promise<Outcome> {
   const file = join(dir, `job-${job.process}-${crypto.randomUUID()}.json`);
   writeFileSync(file, JSON.stringify(job));
-  const [command, ...args] = runtimeCommand(runtime);
+  const [command, ...args] = job.contender === GO_MUTEX
+    ? [goMutex.binary!]
+    : runtimeCommand(runtime);
   const proc = spawn(command, [...args, "--job", file], { stdio: ["pipe", "pipe", "pipe"] });
   let errors = "";
   proc.stderr?.on("data", (chunk) => errors = (errors + String(chunk)).slice(-4_000));
@@ -220,7 +274,14 @@ async function child(
   if (code !== 0) {
     throw new Error(`${runtime} ${job.contender} ${job.scenario} exited ${code}:\n${errors}`);
   }
-  return JSON.parse(readFileSync(job.out, "utf8")) as Outcome;
+  const outcome = JSON.parse(readFileSync(job.out, "utf8")) as Outcome & {
+    metricsBefore?: string;
+    metricsAfter?: string;
+  };
+  // The Go child hands over etcd's /metrics text as it read it.
+  if (outcome.metricsBefore !== undefined) outcome.before = parseEtcdMetrics(outcome.metricsBefore);
+  if (outcome.metricsAfter !== undefined) outcome.after = parseEtcdMetrics(outcome.metricsAfter);
+  return outcome;
 }
 
 /** One measurement the run makes. */
@@ -446,6 +507,11 @@ async function main(): Promise<void> {
   }
   console.error(pinning);
 
+  const dir = mkdtempSync(join(tmpdir(), "genesis-lock-compare-"));
+  if (args.backends.includes("etcd")) {
+    goMutex = buildGoMutex(dir);
+    console.error(`Go concurrency.Mutex reference row: ${goMutex.note}`);
+  }
   const plan: Step[] = [];
   for (const backend of args.backends) {
     for (const runtime of args.runtimes) {
@@ -455,6 +521,8 @@ async function main(): Promise<void> {
           ? ["ours"]
           : scenario === "saturate"
           ? ["floor", "ours"]
+          : backend === "etcd" && goMutex.binary && GO_SCENARIOS.includes(scenario)
+          ? [...CONTENDERS[backend], GO_MUTEX]
           : CONTENDERS[backend];
         // Rounds interleave the contenders, so a drift in the machine hits them all alike.
         const rounds = scenario === "scale" ? 1 : args.rounds;
@@ -493,7 +561,6 @@ async function main(): Promise<void> {
   }
   progressTotal = plan.length;
 
-  const dir = mkdtempSync(join(tmpdir(), "genesis-lock-compare-"));
   const runTicks = cpuTicks(args.pinned);
   const stepSteal: number[] = [];
   const rows: Row[] = [];
@@ -640,6 +707,7 @@ function renderReport(
       `Bun ${version(runtimeCommand("bun")[0], ["--version"])}`,
   );
   line(`- Servers: ${Object.values(serverVersions).join("; ")}`);
+  if (args.backends.includes("etcd")) line(`- Go reference row (etcd): ${goMutex.note}`);
   line(
     `- Clients: ioredis ${packageVersion("ioredis")}, etcd3 ${packageVersion("etcd3")}, ` +
       `redis-semaphore ${packageVersion("redis-semaphore")}, @sesamecare-oss/redlock ` +
@@ -657,6 +725,7 @@ function renderReport(
   line("```sh");
   line("npm ci                                  # pinned Deno and Bun, the clients and the peers");
   line("apt-get install etcd-server etcd-client redis-server   # the servers, from PATH");
+  line("apt-get install golang-go golang-etcd-server-dev       # the Go reference row (optional)");
   line("npx deno task bench:compare             # everything, pinned to CPU 0; about an hour");
   line("npx deno task bench:compare --unpinned --out BENCHMARKS-unpinned.md   # every CPU");
   line("npx deno task bench:compare --rounds 3  # each row the median of 3 interleaved rounds");
@@ -875,6 +944,11 @@ const BOUNDS = `## What bounds each figure
   is what the protocol costs beside the floor's unfenced \`SET\`; *ours ÷ it* is what the library
   layer costs beside the protocol.
 - **ours ÷ it**: @genesis/lock's rate over that contender's; above 1 means ours is faster.
+- **Go concurrency.Mutex**: etcd's own Go client (v3.4, from Debian) and its \`concurrency.Mutex\`,
+  each worker on a session of its own (a Mutex's key is its prefix and its session's lease ID),
+  driven by \`bench/go/mutex.go\` through the same job protocol as the JavaScript children. A
+  reference, not a peer: it shows what the same queue protocol costs on Go's gRPC, which spends
+  much less client CPU per call than grpc-js; it is measured beside each runtime's rows.
 - **client CPU µs/cycle**: user+system CPU of the measuring processes during the window
   (\`process.cpuUsage()\`), over cycles; it includes the client library and the runtime.
 - **server CPU µs/cycle**, **scripts/cycle**, **commits/cycle**, **fsyncs/cycle**: the server's own
