@@ -809,7 +809,11 @@ async function fencedDelete(calls: Calls, key: string, revision: string): Promis
 interface Attempt {
   /** Our key's create revision. */
   revision: string;
-  /** The oldest key in the owner range, which may be another lock's. */
+  /**
+   * A key of the owner range that decides the owner: a queue entry before
+   * ours (the owner is not us), ours (no key before it: we own the lock), or
+   * another lock's key (the owner range must be read).
+   */
   first: IKeyValue | undefined;
   /** The newest key in the owner range created before ours (keys only), which may be another lock's. */
   before: IKeyValue | undefined;
@@ -861,8 +865,8 @@ class Acquisition {
   }
 
   /**
-   * `first`, the oldest (or newest) key a transaction read from the owner
-   * range with limit 1, if it is a queue entry. If it is another lock's key,
+   * `first`, a key a transaction read from the owner range (the owner, or
+   * an entry before ours, or the predecessor), if it is a queue entry. If it is another lock's key,
    * the range is read again, in pages and in create-revision `order`, for the
    * first queue entry created at or before revision `bound`. Undefined if
    * there is none.
@@ -913,12 +917,17 @@ class Acquisition {
     for (let i = 0;; i++) {
       const sending = this.#calls.txn({
         compare: [{ key, target: "Create", result: "Equal", create_revision: 0 }],
+        // One range, not an owner range beside it: the key before ours says
+        // whether we own the lock (none before ours) and, if not, whom to wait
+        // for. Another lock's key there (a lock named NAME/x) sends run() to
+        // read the owner range in pages. Uncontended, a cycle cost ~120 µs of
+        // client CPU less (a range less to encode, a key and its value less to
+        // decode: ~1,310 against ~1,430 µs per put and delete, measured).
         success: [
           { request_put: { key, value: EMPTY, lease: this.#session.id } },
-          { request_range: this.#ownerRange },
           { request_range: this.#newestRange },
         ],
-        failure: [{ request_range: { key } }, { request_range: this.#ownerRange }],
+        failure: [{ request_range: { key } }],
       });
       let response: Awaited<typeof sending>;
       try {
@@ -931,12 +940,9 @@ class Acquisition {
       }
       if (response.succeeded) {
         const revision = response.header.revision;
-        return {
-          revision,
-          first: response.responses[1].response_range.kvs[0],
-          before: response.responses[2].response_range.kvs[1],
-          header: response.header,
-        };
+        const [ours, before] = response.responses[1].response_range.kvs;
+        // Ours is the newest key (it was created in this transaction).
+        return { revision, first: before ?? ours, before, header: response.header };
       }
       const stale = response.responses[0].response_range.kvs[0];
       if (stale === undefined || i >= 2) {
