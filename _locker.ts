@@ -286,6 +286,45 @@ export async function settleEach<T>(
   return failures;
 }
 
+/** The callbacks waiting on each signal, behind one listener of its own. */
+const watchers = new WeakMap<AbortSignal, Set<() => void>>();
+
+/**
+ * Calls `then` once `signal` aborts, and returns what stops it: the
+ * `removeEventListener` of a one-shot `addEventListener`, at the cost of a
+ * set entry. Every call of a locker shares its close signal, and an
+ * EventTarget's add+remove costs 0.7 µs with no other listener and 2.5 µs
+ * with 64 (Deno; a set's 0.2–0.3), twice a cycle. A signal that has already
+ * aborted never calls `then`: check `aborted` first.
+ */
+export function onAbort(signal: AbortSignal, then: () => void): () => void {
+  let waiting = watchers.get(signal);
+  if (waiting === undefined) {
+    if (signal.aborted) return () => {};
+    const set = waiting = new Set();
+    watchers.set(signal, set);
+    signal.addEventListener("abort", () => {
+      watchers.delete(signal);
+      const callbacks = [...set];
+      set.clear();
+      let failure: { error: unknown } | undefined;
+      for (const callback of callbacks) {
+        try {
+          callback();
+        } catch (error) {
+          failure ??= { error };
+        }
+      }
+      if (failure !== undefined) throw failure.error;
+    }, { once: true });
+  }
+  const set = waiting;
+  // The same function twice is two waits, as two listeners would not be.
+  const entry = () => then();
+  set.add(entry);
+  return () => void set.delete(entry);
+}
+
 /**
  * Resolves what `promise` resolves, or rejects with `signal.reason` first.
  * A `promise` given up on is still observed: its later rejection must not
@@ -297,9 +336,8 @@ export function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<
     return Promise.reject(signal.reason);
   }
   return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
-    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+    const stop = onAbort(signal, () => reject(signal.reason));
+    promise.then(resolve, reject).finally(stop);
   });
 }
 
@@ -307,15 +345,14 @@ export function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<
 export function delay(ms: number, signal: AbortSignal): Promise<void> {
   if (signal.aborted) return Promise.reject(signal.reason);
   return new Promise((resolve, reject) => {
-    const onAbort = () => {
+    const stop = onAbort(signal, () => {
       clearTimeout(timer);
       reject(signal.reason);
-    };
+    });
     const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
+      stop();
       resolve();
     }, ms);
-    signal.addEventListener("abort", onAbort, { once: true });
   });
 }
 
@@ -357,10 +394,9 @@ class CallSignal {
     return this.#controller.signal;
   }
 
-  #follow(source: AbortSignal, onAbort: () => void) {
-    if (source.aborted) return onAbort();
-    source.addEventListener("abort", onAbort, { once: true });
-    this.#cleanup.push(() => source.removeEventListener("abort", onAbort));
+  #follow(source: AbortSignal, then: () => void) {
+    if (source.aborted) return then();
+    this.#cleanup.push(onAbort(source, then));
   }
 
   dispose() {
@@ -403,8 +439,8 @@ function checkLockOptions(options: LockOptions | undefined): LockOptions {
 interface Waiter {
   resolve(): void;
   reject(reason: unknown): void;
-  signal: AbortSignal;
-  onAbort(): void;
+  /** Stops waiting for the signal to abort. */
+  stop(): void;
 }
 
 /** A key's place in a {@linkcode KeyQueue}: the calls waiting, and what the owner keeps there. */
@@ -443,13 +479,11 @@ export class KeyQueue<V = never> {
       const waiter: Waiter = {
         resolve,
         reject,
-        signal,
-        onAbort: () => {
+        stop: onAbort(signal, () => {
           waiters.splice(waiters.indexOf(waiter), 1);
           reject(signal.reason);
-        },
+        }),
       };
-      signal.addEventListener("abort", waiter.onAbort, { once: true });
       waiters.push(waiter);
     });
   }
@@ -480,7 +514,7 @@ export class KeyQueue<V = never> {
       this.#keys.delete(key);
       return;
     }
-    next.signal.removeEventListener("abort", next.onAbort);
+    next.stop();
     next.resolve();
   }
 }

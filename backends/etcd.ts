@@ -74,6 +74,7 @@ import {
   type Locker,
   type LockStatus,
   Loss,
+  onAbort,
   settleEach,
 } from "../_locker.ts";
 import {
@@ -1099,9 +1100,9 @@ class Acquisition {
           `the session lease ended while waiting: ${this.#session.signal.reason}`,
         ),
       );
-    const onAbort = () => stop.abort(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
-    if (signal.aborted) onAbort();
+    const aborted = () => stop.abort(signal.reason);
+    const unfollow = onAbort(signal, aborted);
+    if (signal.aborted) aborted();
     const forget = this.#session.whenLost(onLost);
     let watch: Watch | undefined;
     // Whether the current watch is in place (etcd confirmed it): the poll
@@ -1156,7 +1157,7 @@ class Acquisition {
     } finally {
       stop.abort();
       forget();
-      signal.removeEventListener("abort", onAbort);
+      unfollow();
       watch?.cancel();
     }
   }

@@ -3,7 +3,7 @@
 import { describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { abortable } from "../_locker.ts";
+import { abortable, onAbort } from "../_locker.ts";
 import { sleep } from "./_util.ts";
 
 describe("abortable()", () => {
@@ -32,5 +32,26 @@ describe("abortable()", () => {
     controller.abort(new Error("stop"));
     await assert.rejects(pending, /stop/);
     assert.equal(await abortable(Promise.resolve(7), new AbortController().signal), 7);
+  });
+});
+
+describe("onAbort()", () => {
+  it("calls what still waits, once, in the order it began, and nothing after stop()", () => {
+    const controller = new AbortController();
+    const calls: string[] = [];
+    onAbort(controller.signal, () => calls.push("first"));
+    const stopped = onAbort(controller.signal, () => calls.push("stopped"));
+    const twice = () => calls.push("twice");
+    onAbort(controller.signal, twice);
+    onAbort(controller.signal, twice);
+    onAbort(new AbortController().signal, () => calls.push("another signal"));
+    stopped();
+    controller.abort(new Error("stop"));
+    controller.abort(new Error("again"));
+    assert.deepEqual(calls, ["first", "twice", "twice"]);
+    // A signal that has aborted already never calls back: the caller checks.
+    onAbort(controller.signal, () => calls.push("late"))();
+    onAbort(AbortSignal.abort(), () => calls.push("late"));
+    assert.deepEqual(calls, ["first", "twice", "twice"]);
   });
 });

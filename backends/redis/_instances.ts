@@ -2,7 +2,7 @@
 
 import { Cluster, type Redis } from "ioredis";
 import type { LockError } from "../../errors.ts";
-import { KeyQueue } from "../../_locker.ts";
+import { KeyQueue, onAbort } from "../../_locker.ts";
 import { type Alarm, Alarms } from "../../_lease_clock.ts";
 import { scrub } from "../../_scrub.ts";
 import type { Client } from "./_connection.ts";
@@ -143,12 +143,13 @@ export class Instances {
   within<T>(call: Promise<T>, bound: number, signal?: AbortSignal): Promise<T | typeof SILENT> {
     return new Promise((resolve, reject) => {
       let done = false;
+      let stop: (() => void) | undefined;
       const finish = () => {
         done = true;
         this.alarms.cancel(alarm);
-        signal?.removeEventListener("abort", onAbort);
+        stop?.();
       };
-      const onAbort = () => {
+      const aborted = () => {
         if (done) return;
         finish();
         reject(signal!.reason);
@@ -159,8 +160,8 @@ export class Instances {
         resolve(SILENT);
       });
       if (signal !== undefined) {
-        if (signal.aborted) return onAbort();
-        signal.addEventListener("abort", onAbort, { once: true });
+        if (signal.aborted) return aborted();
+        stop = onAbort(signal, aborted);
       }
       call.then((reply) => {
         if (done) return;
@@ -285,21 +286,22 @@ export class Instances {
       let pending = calls.length;
       let done = false;
       let late: Alarm | undefined;
+      let stop: (() => void) | undefined;
       const finish = (settle: () => void) => {
         if (done) return;
         done = true;
         this.alarms.cancel(alarm);
         this.alarms.cancel(late);
-        signal?.removeEventListener("abort", onAbort);
+        stop?.();
         settle();
       };
-      const onAbort = () => finish(() => reject(signal!.reason));
+      const aborted = () => finish(() => reject(signal!.reason));
       const alarm = this.alarms.add(
         performance.now() + Math.max(0, bound),
         () => finish(() => resolve([...soFar])),
       );
-      if (signal?.aborted) return onAbort();
-      signal?.addEventListener("abort", onAbort, { once: true });
+      if (signal?.aborted) return aborted();
+      if (signal !== undefined) stop = onAbort(signal, aborted);
       calls.forEach((call, i) =>
         call.then((answer) => {
           if (done) return;
