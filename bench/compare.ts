@@ -842,7 +842,11 @@ function scaleTable(backend: BenchBackend, scale: Record<string, number | string
     `heap growth per cycle over ${fmt(Number(scale.cycles))} cycles (after a full GC)`,
     `${fmt(Number(scale.heapGrowthBytesPerCycle), 2)} B`,
   );
-  rowOf("heap per held lock (after a full GC)", `${fmt(Number(scale.heapBytesPerHeldLock))} B`);
+  rowOf(
+    `heap per held lock (after a full GC; median of ${fmt(Number(scale.heapSamples))} samples)`,
+    `${fmt(Number(scale.heapBytesPerHeldLock))} B`,
+  );
+  rowOf("heap per held lock, largest sample", `${fmt(Number(scale.heapBytesPerHeldLockMax))} B`);
   rowOf("heap with every lock held", `${fmt(Number(scale.heapMiBHeld), 1)} MiB`);
   rowOf(
     `renewal ${backend === "redis" ? "script calls" : "keepalive messages"} per pass ` +
@@ -972,7 +976,9 @@ const BOUNDS = `## What bounds each figure
   \`--unpinned\` for the server's capacity.
 - **scale**: one locker of ours holds the locks with a 3 s ttl (a renewal pass every second);
   heap is \`process.memoryUsage().heapUsed\` after a full GC (Deno with \`--expose-gc\`,
-  \`Bun.gc(true)\`); renewal calls are counted by the server (Redis scripts in \`commandstats\`,
+  \`Bun.gc(true)\`), sampled five times while the locks are held (once at the start, then evenly
+  over the window; the median, and the largest beside it: a sample taken while a renewal pass is in
+  flight also counts that pass's commands); renewal calls are counted by the server (Redis scripts in \`commandstats\`,
   etcd \`LeaseKeepAlive\` messages); connections are the server's established sockets
   (\`/proc/net/tcp\`). On the Redis Cluster the calls are counted on every master, and the busiest
   master's count is shown beside the total.
