@@ -33,6 +33,7 @@ import {
   type Locker,
   type LockStatus,
   Loss,
+  onAbort,
 } from "../_locker.ts";
 import { LeaseClock } from "../_lease_clock.ts";
 import { type LeaseSettings, type Options, resolveOptions } from "../_options.ts";
@@ -47,10 +48,10 @@ interface Holder {
 
 interface Waiter {
   readonly ttl: number | undefined;
-  readonly signal: AbortSignal;
   resolve(grant: Grant): void;
   reject(reason: unknown): void;
-  onAbort(): void;
+  /** Stops waiting for the signal to abort. */
+  stop(): void;
 }
 
 interface Slot {
@@ -110,16 +111,14 @@ export class MemoryStore {
     return new Promise((resolve, reject) => {
       const waiter: Waiter = {
         ttl,
-        signal,
         resolve,
         reject,
-        onAbort: () => {
+        stop: onAbort(signal, () => {
           waiters.splice(waiters.indexOf(waiter), 1);
           this.#prune(key);
           reject(signal.reason);
-        },
+        }),
       };
-      signal.addEventListener("abort", waiter.onAbort, { once: true });
       waiters.push(waiter);
     });
   }
@@ -189,7 +188,7 @@ export class MemoryStore {
     slot.holder = undefined;
     const next = slot.waiters.shift();
     if (next === undefined) return this.#prune(key);
-    next.signal.removeEventListener("abort", next.onAbort);
+    next.stop();
     next.resolve(this.#grant(key, slot, next.ttl));
   }
 
