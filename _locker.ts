@@ -301,12 +301,12 @@ export function onAbort(signal: AbortSignal, then: () => void): () => void {
   let waiting = watchers.get(signal);
   if (waiting === undefined) {
     if (signal.aborted) return () => {};
-    const set = waiting = new Set();
-    watchers.set(signal, set);
+    const created = new Set<() => void>();
+    watchers.set(signal, created);
     signal.addEventListener("abort", () => {
       watchers.delete(signal);
-      const callbacks = [...set];
-      set.clear();
+      const callbacks = [...created];
+      created.clear();
       let failure: { error: unknown } | undefined;
       for (const callback of callbacks) {
         try {
@@ -317,10 +317,11 @@ export function onAbort(signal: AbortSignal, then: () => void): () => void {
       }
       if (failure !== undefined) throw failure.error;
     }, { once: true });
+    waiting = created;
   }
-  const set = waiting;
-  // The same function twice is two waits, as two listeners would not be.
+  // An entry of its own: the same function twice is two waits, as with two listeners.
   const entry = () => then();
+  const set = waiting;
   set.add(entry);
   return () => void set.delete(entry);
 }

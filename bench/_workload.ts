@@ -297,11 +297,12 @@ async function runScale(job: Job): Promise<Outcome> {
   }
   await sleep(Math.max(0, from + job.ms - now()));
   const after = await readCounters(job.backend, job.endpoint);
-  const perLock = heaps.map((heap) => (heap - heap1) / scale.locks).sort((a, b) => a - b);
-  result.heapSamples = perLock.length;
-  result.heapBytesPerHeldLock = perLock[perLock.length >> 1];
-  result.heapBytesPerHeldLockMax = perLock[perLock.length - 1];
-  result.heapMiBHeld = (heap1 + perLock[perLock.length >> 1] * scale.locks) / 2 ** 20;
+  heaps.sort((a, b) => a - b);
+  const median = heaps[heaps.length >> 1];
+  result.heapSamples = heaps.length;
+  result.heapBytesPerHeldLock = (median - heap1) / scale.locks;
+  result.heapBytesPerHeldLockMax = (heaps[heaps.length - 1] - heap1) / scale.locks;
+  result.heapMiBHeld = median / 2 ** 20;
   result.heldMs = now() - from;
   result.ttl = scale.ttl;
 

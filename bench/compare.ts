@@ -976,12 +976,12 @@ const BOUNDS = `## What bounds each figure
   \`--unpinned\` for the server's capacity.
 - **scale**: one locker of ours holds the locks with a 3 s ttl (a renewal pass every second);
   heap is \`process.memoryUsage().heapUsed\` after a full GC (Deno with \`--expose-gc\`,
-  \`Bun.gc(true)\`), sampled five times while the locks are held (once at the start, then evenly
-  over the window; the median, and the largest beside it: a sample taken while a renewal pass is in
-  flight also counts that pass's commands); renewal calls are counted by the server (Redis scripts in \`commandstats\`,
-  etcd \`LeaseKeepAlive\` messages); connections are the server's established sockets
-  (\`/proc/net/tcp\`). On the Redis Cluster the calls are counted on every master, and the busiest
-  master's count is shown beside the total.
+  \`Bun.gc(true)\`), sampled while the locks are held (at the start, then evenly over the window;
+  the row says how often): the median, and the largest beside it, since a sample taken while a
+  renewal pass is in flight also counts that pass's commands; renewal calls are counted by the
+  server (Redis scripts in \`commandstats\`, etcd \`LeaseKeepAlive\` messages); connections are
+  the server's established sockets (\`/proc/net/tcp\`). On the Redis Cluster the calls are counted
+  on every master, and the busiest master's count is shown beside the total.
 `;
 
 /** A bar chart of each contender's rate as a multiple of the floor, per scenario; no dependency. */
