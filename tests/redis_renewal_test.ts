@@ -4,6 +4,7 @@
 
 import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { Redis } from "ioredis";
 import { type Lease, LockLostError, New } from "../mod.ts";
 import { createRedisLocker } from "../backends/redis.ts";
@@ -156,6 +157,36 @@ describe("redis writes, coalesced per tick", () => {
       assert.ok(acquiring <= 2, `64 acquisitions took ${acquiring} socket writes`);
       assert.ok(flushes <= 2, `64 releases took ${flushes} socket writes`);
       assert.equal(await client.dbsize(), 64 + 1, "each lock's fencing counter, and no lock key");
+    } finally {
+      await locker.close();
+      client.disconnect();
+    }
+  });
+
+  it("keeps the wire in call order when a write that is not a plain string comes mid-tick", async () => {
+    // The user's own commands on the locker's client: a Buffer argument makes
+    // ioredis write a Buffer, which goes out after the scripts held before
+    // it and before those after it. Out of order, replies would reach the
+    // wrong callers (ioredis matches them by order).
+    const client = new Redis({ host: "127.0.0.1", port: server.port });
+    const locker = createRedisLocker(client);
+    try {
+      const name = prefix("order");
+      await (await locker.lock(`${name}/warm`)).release();
+      const key = Buffer.from(`${name}/plain`);
+      const [first, set, second, got, third] = await Promise.all([
+        locker.lock(`${name}/1`),
+        client.set(key, "value"),
+        locker.lock(`${name}/2`),
+        client.getBuffer(key),
+        locker.tryLock(`${name}/1`),
+      ]);
+      assert.equal(set, "OK");
+      assert.equal(got?.toString(), "value");
+      assert.equal(third, undefined, "lock 1 is held");
+      assert.deepEqual([first.token, second.token], [1n, 1n], "each a new key's first grant");
+      await Promise.all([first.release(), second.release()]);
+      assert.equal(await client.exists(`lock:{${name}/1}`, `lock:{${name}/2}`), 0);
     } finally {
       await locker.close();
       client.disconnect();
