@@ -106,6 +106,12 @@ export type Renewal =
 export interface LeaseClockOptions {
   /** The deadline the grant gave, in `performance.now()` ms. */
   deadline: number;
+  /**
+   * When the grant was asked for, in `performance.now()` ms, if the caller
+   * has it: the first renewal is due `period` ms after it (a little sooner
+   * than after now, and one clock read fewer per lease). Defaults to now.
+   */
+  from?: number;
   /** After a confirmed renewal, the next comes this many ms later. */
   period: number;
   /** After an unconfirmed one, the next comes this many ms later. */
@@ -142,7 +148,7 @@ export class LeaseClock {
     this.#ownAlarms = options.alarms === undefined;
     this.#alarms = options.alarms ?? new Alarms();
     this.#deadline = options.deadline;
-    this.#renewAt = options.renew ? performance.now() + options.period : Infinity;
+    this.#renewAt = options.renew ? (options.from ?? performance.now()) + options.period : Infinity;
     this.#schedule();
   }
 

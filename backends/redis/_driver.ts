@@ -409,7 +409,7 @@ export class RedisDriver implements Driver {
             Math.max(ttl, 10 * retryInterval),
           ])).then(readAcquire, failedAnswer);
         calls = [call];
-        const answer = await instances.within(call, bound, signal);
+        const answer = await instances.until(call, sentAt + bound, signal);
         if (answer !== SILENT && answer.kind === "acquired") {
           if (valid()) {
             return { grant: this.#hold(keys, token, answer.fence, sentAt), pttl: 0 };
@@ -691,6 +691,7 @@ class HeldLock implements Grant {
     const { ttl, autoRenew } = settings;
     this.#clock = new LeaseClock({
       deadline: sentAt + ttl - drift(ttl),
+      from: sentAt,
       period: ttl / 3,
       // After a failure try again soon; the deadline is what decides loss.
       retry: Math.min(ttl / 6, 500),
@@ -778,9 +779,10 @@ class HeldLock implements Grant {
     const instances = this.#instances;
     const { list, quorum } = instances;
     const keys = this.#keys;
-    // Past the lease's deadline (and the drift allowed) the key has expired anyway.
-    const bound = clock.deadline - performance.now() + drift(this.#settings.ttl);
     const ttl = this.#settings.ttl;
+    // Past the lease's deadline (and the drift allowed) the key has expired anyway.
+    const until = clock.deadline + drift(ttl);
+    const bound = until - performance.now();
     const args = releaseArgs(list[0], keys, this.#secret, ttl, true, this.#queued, "");
     const scriptKeys = [keys.lock, keys.queue, keys.fence];
     if (list.length === 1) {
@@ -788,7 +790,7 @@ class HeldLock implements Grant {
       const only = list[0];
       let reply: unknown;
       try {
-        reply = await instances.within(instances.run(only, RELEASE, scriptKeys, args), bound);
+        reply = await instances.until(instances.run(only, RELEASE, scriptKeys, args), until);
       } catch (error) {
         throw this.#releaseError(error, only.name);
       }

@@ -141,6 +141,11 @@ export class Instances {
    * `signal.reason` if that aborts first.
    */
   within<T>(call: Promise<T>, bound: number, signal?: AbortSignal): Promise<T | typeof SILENT> {
+    return this.until(call, performance.now() + Math.max(0, bound), signal);
+  }
+
+  /** {@linkcode within}, with the time the bound runs out (`performance.now()` ms) given. */
+  until<T>(call: Promise<T>, at: number, signal?: AbortSignal): Promise<T | typeof SILENT> {
     return new Promise((resolve, reject) => {
       let done = false;
       let stop: (() => void) | undefined;
@@ -154,7 +159,7 @@ export class Instances {
         finish();
         reject(signal!.reason);
       };
-      const alarm = this.alarms.add(performance.now() + Math.max(0, bound), () => {
+      const alarm = this.alarms.add(at, () => {
         if (done) return;
         finish();
         resolve(SILENT);
