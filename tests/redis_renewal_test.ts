@@ -6,7 +6,7 @@ import { after, before, describe, it } from "./_bdd.ts";
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { Redis } from "ioredis";
-import { type Lease, LockLostError, New } from "../mod.ts";
+import { type Lease, type Locker, LockLostError, New } from "../mod.ts";
 import { createRedisLocker } from "../backends/redis.ts";
 import { RedisServer } from "./_servers.ts";
 import { prefix, sleep, until } from "./_util.ts";
@@ -129,13 +129,28 @@ describe("redis writes, coalesced per tick", () => {
     await server.stop();
   });
 
-  it("sends the acquisitions and releases that 64 workers start in one tick in one socket write each", async () => {
+  /**
+   * Runs `body` with a locker on a client of its own (nothing else writes to
+   * its socket), the scripts loaded so that no NOSCRIPT retry counts.
+   */
+  async function onOwnClient(
+    label: string,
+    body: (client: Redis, locker: Locker, name: string) => Promise<void>,
+  ): Promise<void> {
     const client = new Redis({ host: "127.0.0.1", port: server.port });
     const locker = createRedisLocker(client);
     try {
-      const name = prefix("tick");
-      // Loads the scripts, so no NOSCRIPT retry counts below.
+      const name = prefix(label);
       await (await locker.lock(`${name}/warm`)).release();
+      await body(client, locker, name);
+    } finally {
+      await locker.close();
+      client.disconnect();
+    }
+  }
+
+  it("sends the acquisitions and releases that 64 workers start in one tick in one socket write each", () =>
+    onOwnClient("tick", async (client, locker, name) => {
       // What reaches the socket's handle: one _write or _writev per flush.
       const stream = (client as unknown as { stream: Record<string, (...a: unknown[]) => unknown> })
         .stream;
@@ -157,22 +172,14 @@ describe("redis writes, coalesced per tick", () => {
       assert.ok(acquiring <= 2, `64 acquisitions took ${acquiring} socket writes`);
       assert.ok(flushes <= 2, `64 releases took ${flushes} socket writes`);
       assert.equal(await client.dbsize(), 64 + 1, "each lock's fencing counter, and no lock key");
-    } finally {
-      await locker.close();
-      client.disconnect();
-    }
-  });
+    }));
 
-  it("keeps the wire in call order when a write that is not a plain string comes mid-tick", async () => {
+  it("keeps the wire in call order when a write that is not a plain string comes mid-tick", () =>
     // The user's own commands on the locker's client: a Buffer argument makes
     // ioredis write a Buffer, which goes out after the scripts held before
     // it and before those after it. Out of order, replies would reach the
     // wrong callers (ioredis matches them by order).
-    const client = new Redis({ host: "127.0.0.1", port: server.port });
-    const locker = createRedisLocker(client);
-    try {
-      const name = prefix("order");
-      await (await locker.lock(`${name}/warm`)).release();
+    onOwnClient("order", async (client, locker, name) => {
       const key = Buffer.from(`${name}/plain`);
       const [first, set, second, got, third] = await Promise.all([
         locker.lock(`${name}/1`),
@@ -187,9 +194,5 @@ describe("redis writes, coalesced per tick", () => {
       assert.deepEqual([first.token, second.token], [1n, 1n], "each a new key's first grant");
       await Promise.all([first.release(), second.release()]);
       assert.equal(await client.exists(`lock:{${name}/1}`, `lock:{${name}/2}`), 0);
-    } finally {
-      await locker.close();
-      client.disconnect();
-    }
-  });
+    }));
 });
