@@ -305,20 +305,6 @@ function severed(error: unknown): boolean {
       (error as Error | undefined)?.name === "GRPCInternalError");
 }
 
-/** Waits `ms`, or less if `stop` aborts first. */
-function sleep(ms: number, stop: AbortSignal): Promise<void> {
-  if (stop.aborted) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      stop.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    stop.addEventListener("abort", done, { once: true });
-  });
-}
-
 /**
  * The client calls the protocol makes. Each request is bounded by
  * `dialTimeout` (a caller with an earlier deadline stops waiting at its own,
@@ -378,7 +364,7 @@ class Calls {
           // Full jitter, so a refused burst does not come back as one burst.
           const pause = Math.random() * Math.min(1_000, 25 * 2 ** attempt);
           if (!(transient(error) || cutShort) || performance.now() + pause >= deadline) throw error;
-          await sleep(pause, this.#stopped.signal);
+          await delay(pause, this.#stopped.signal).catch(() => {});
           if (this.#stopped.signal.aborted) throw error;
         }
       }
@@ -429,7 +415,7 @@ class Calls {
       } catch (error) {
         const pause = Math.random() * Math.min(250, 10 * 2 ** attempt);
         if (!transient(error) || performance.now() + pause >= deadline) throw error;
-        await sleep(pause, this.#stopped.signal);
+        await delay(pause, this.#stopped.signal).catch(() => {});
         if (this.#stopped.signal.aborted) throw error;
       }
     }
